@@ -1,0 +1,154 @@
+"""Retrain a LoRA adapter on fresh data and promote it only when it is measurably better.
+
+load -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
+-> decide -> promote_champion | keep_champion -> summary
+
+Each task is a few lines around `ml.pipeline`; the work lives in `ml/` and runs
+without Airflow (`python -m ml --help`). Tasks of one run share a run folder
+under the profile's `output_dir`, named after the Airflow run id.
+
+Trigger with parameters from the UI ("Trigger DAG" shows a form): an empty
+field keeps the profile's value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from ml.config import DEFAULT_PROFILE, available_profiles, load_config
+
+DAG_ID = "retrain_lora"
+DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
+
+
+def _nullable(kind: str, description: str, **extra: Any) -> Param:
+    return Param(None, type=["null", kind], description=description, **extra)
+
+
+PARAMS = {
+    "profile": Param(DEFAULT.profile, type="string", enum=available_profiles(),
+                     description="Configuration profile (ml/profiles/*.yaml); the fields below override it."),
+    "dataset": _nullable("string", "Hugging Face dataset id or a local .jsonl/.json/.parquet/.csv/folder path."),
+    "dataset_split": _nullable("string", "Dataset split to load from the hub (e.g. train)."),
+    "base_model": _nullable("string", "Base model: hub id or local folder."),
+    "learning_rate": _nullable("number", "Peak learning rate.", exclusiveMinimum=0),
+    "max_steps": _nullable("integer", "Optimizer steps (-1: train for num_train_epochs).", minimum=-1),
+    "num_train_epochs": _nullable("number", "Epochs, used when max_steps is -1.", exclusiveMinimum=0),
+    "lora_r": _nullable("integer", "LoRA rank.", minimum=1),
+    "lora_alpha": _nullable("integer", "LoRA alpha.", minimum=1),
+    "min_delta": _nullable("number", "Promote only if test loss improves by more than this.", minimum=0),
+}
+
+
+def _run() -> tuple[Any, Any, str]:
+    """This run's typed config, run folder and key, rebuilt from its Params in every task."""
+    from ml.config import config_from_params
+    from ml.pipeline import run_paths
+
+    ctx = get_current_context()
+    cfg = config_from_params(dict(ctx["params"]))
+    run_key = f"{DAG_ID}__{ctx['run_id']}"
+    return cfg, run_paths(cfg, run_key), run_key
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=DEFAULT.schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["llm", "lora", "mlflow"],
+    doc_md=__doc__,
+    default_args={"retries": 0},
+)
+def retrain_lora() -> None:
+    @task
+    def load() -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return asdict(pipeline.load(cfg, paths))
+
+    @task
+    def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        try:
+            return pipeline.validate(cfg, paths)
+        except pipeline.GateFailed as exc:  # no retry can fix bad data
+            raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def prepare(gate: dict[str, Any]) -> dict[str, int]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.prepare(cfg, paths)
+
+    @task
+    def train(splits: dict[str, int]) -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.train(cfg, paths)
+
+    @task
+    def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.evaluate(cfg, paths)
+
+    @task
+    def register(evaluation: dict[str, Any]) -> dict[str, str]:
+        from ml import pipeline
+
+        cfg, paths, run_key = _run()
+        ctx = get_current_context()
+        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID,
+                                                            "airflow.run_id": str(ctx["run_id"])})
+
+    @task.branch
+    def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
+        return "promote_champion" if evaluation["promote"] else "keep_champion"
+
+    @task
+    def promote_champion() -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.promote(cfg, paths)
+
+    @task
+    def keep_champion() -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.promote(cfg, paths)  # tags the version rejected, alias untouched
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> str:
+        line = (f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
+                f"version {registered['version']} | challenger {evaluation['challenger_loss']:.4f} vs "
+                f"{evaluation['baseline']} {evaluation['baseline_loss']:.4f} | "
+                f"{'PROMOTED' if evaluation['promote'] else 'kept champion'}")
+        print(line)
+        return line
+
+    snap = load()
+    evaluation = evaluate(train(prepare(validate(snap))))
+    registered = register(evaluation)
+    branch = decide(evaluation, registered)
+    branch >> [promote_champion(), keep_champion()] >> summary(snap, evaluation, registered)
+
+
+dag = retrain_lora()

@@ -1,0 +1,138 @@
+"""`python -m ml <step>`: every pipeline step without Airflow.
+
+Steps of one run share a run folder chosen by --run-key, exactly as the DAG's
+tasks do, so `load`, `validate`, `prepare`, `train`, `evaluate`, `register` and
+`promote` can be run one by one (or all at once with `pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ml.config import ConfigError, PipelineConfig, available_profiles, load_config, parse_overrides
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = parse_overrides(args.set)
+    if getattr(args, "data", None):
+        overrides["data.source"] = str(Path(args.data).resolve())
+    return load_config(args.profile, overrides)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ml.data import load_examples
+    from ml.validate import validate
+
+    cfg = _config(args)
+    report = validate(load_examples(cfg.data), cfg)
+    if args.report:
+        report.write(Path(args.report))
+    print(report.summary())
+    return EXIT_OK if report.success else EXIT_GATE_FAILED
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from ml.config import resolve_path
+    from ml.data import load_examples
+    from ml.tiny import build_tiny_model
+
+    cfg = _config(args)
+    out = resolve_path(args.out or cfg.model.base_model)
+    if (out / "config.json").exists() and not args.force:
+        print(f"tiny model already at {out} (--force rebuilds)")
+        return EXIT_OK
+    build_tiny_model(load_examples(cfg.data), out, cfg.data.instruction)
+    print(f"tiny model written to {out}")
+    return EXIT_OK
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from ml import pipeline
+
+    cfg = _config(args)
+    paths = pipeline.run_paths(cfg, args.run_key)
+    step = args.command
+    if step == "load":
+        _print(asdict(pipeline.load(cfg, paths)))
+    elif step in ("register",):
+        _print(pipeline.register(cfg, paths, args.run_key))
+    else:
+        _print(getattr(pipeline, step)(cfg, paths))
+    return EXIT_OK
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from ml import pipeline
+
+    _print(pipeline.run_all(_config(args), args.run_key))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", help=f"profile name ({', '.join(available_profiles())}) or YAML path; "
+                                          "default $RETRAIN_PROFILE or the seed profile")
+    common.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    run = argparse.ArgumentParser(add_help=False)
+    default_key = "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    run.add_argument("--run-key", default=default_key, help="names the run folder (default: a timestamp)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset")
+    p.add_argument("--data", help="dataset file or folder (default: the profile's data.source)")
+    p.add_argument("--report", help="write the validation report (JSON) here")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("tiny-model", parents=[common], help="build the tiny local Llama used by the demo")
+    p.add_argument("--out", help="output folder (default: the profile's model.base_model)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_tiny_model)
+
+    helps = {"load": "snapshot the dataset into the run folder",
+             "prepare": "format and split the snapshot (train/validation/test)",
+             "train": "LoRA fine-tune on the train split (no Airflow, no MLflow)",
+             "evaluate": "test loss of challenger and champion (or base model)",
+             "register": "log the run to MLflow and register a model version",
+             "promote": "move the champion alias if the challenger won; tag it otherwise"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, parents=[common, run], help=text)
+        p.set_defaults(func=cmd_step)
+    p = sub.add_parser("pipeline", parents=[common, run], help="every step in order, without Airflow")
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from ml.data import DataError
+    from ml.pipeline import GateFailed
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GateFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_GATE_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The pipeline's steps as plain functions over a run folder.
+
+The Airflow DAG calls these one per task; `python -m ml <step>` and
+`python -m ml pipeline` call the same functions without Airflow. Each step
+reads what earlier steps wrote under the run folder and writes its own result
+there as JSON, so a task can be retried, or run on another worker that shares
+the folder, without passing anything large through XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ml.config import PipelineConfig, resolve_path
+from ml.data import Snapshot, read_jsonl, read_split, snapshot, split_examples, write_splits
+
+log = logging.getLogger(__name__)
+
+
+class GateFailed(RuntimeError):
+    """The data-quality gate rejected the dataset; nothing downstream may run."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def champion(self) -> Path:
+        return self.root / "champion"
+
+
+def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key).strip("_")
+    return RunPaths(resolve_path(cfg.output_dir) / safe)
+
+
+def _write(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- steps
+
+def load(cfg: PipelineConfig, paths: RunPaths) -> Snapshot:
+    return snapshot(cfg.data, paths.data)
+
+
+def validate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    from ml.validate import validate as run_gate
+
+    report = run_gate(read_jsonl(paths.data / "snapshot.jsonl"), cfg)
+    report.write(paths.reports / "validation.json")
+    log.info(report.summary())
+    if not report.success:
+        raise GateFailed(report.summary())
+    return {"success": True, "checks": len(report.checks), "rows": report.rows}
+
+
+def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
+    counts = write_splits(split_examples(read_jsonl(paths.data / "snapshot.jsonl"), cfg.data), paths.splits)
+    _write(paths.reports / "splits.json", counts)
+    return counts
+
+
+def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    from ml.train import train as run_training
+
+    return asdict(run_training(cfg, paths.splits, paths.train))
+
+
+def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Challenger vs champion (or the bare base model) on the same test split, in this run."""
+    from ml.evaluate import evaluate_model, generate_answers
+    from ml.modeling import load_with_adapter
+    from ml.registry import champion, decide
+
+    test = read_split(paths.splits, "test")
+    m = cfg.model
+    args = (cfg.data.instruction, m.max_seq_length, m.use_chat_template, cfg.eval.batch_size)
+    model, tokenizer = load_with_adapter(m, paths.train / "adapter")
+    challenger = evaluate_model(model, tokenizer, test, *args)
+    log.info("challenger test loss %.4f over %d answer tokens", challenger.loss, challenger.tokens)
+
+    shutil.rmtree(paths.champion, ignore_errors=True)
+    champ = champion(cfg.registry, paths.champion)
+    champ_model = None
+    if champ is None:
+        with model.disable_adapter():
+            base = evaluate_model(model, tokenizer, test, *args)
+        baseline, baseline_name = base, "base model"
+    else:
+        if champ.base_model != m.base_model:
+            log.warning("champion v%s was trained on %s, the challenger on %s: losses per token "
+                        "compare different tokenizations", champ.version, champ.base_model, m.base_model)
+        champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
+        champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
+        baseline = evaluate_model(champ_model, champ_tok, test, *args)
+        baseline_name = f"champion v{champ.version}"
+    log.info("%s test loss %.4f", baseline_name, baseline.loss)
+    decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
+    log.info("decision: %s", decision.reason)
+
+    shown = test[:cfg.eval.num_sample_generations]
+    gen_args = (cfg.data.instruction, m.use_chat_template, cfg.eval.max_new_tokens)
+    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans}
+               for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args))]
+    if champ_model is not None:
+        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args)):
+            row["champion"] = ans
+
+    report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
+              "champion_version": champ.version if champ else None, "decision": asdict(decision),
+              "samples": samples}
+    _write(paths.reports / "evaluation.json", report)
+    return {"challenger_loss": challenger.loss, "baseline_loss": baseline.loss,
+            "baseline": baseline_name, "promote": decision.promote}
+
+
+def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
+             tags: dict[str, str] | None = None) -> dict[str, str]:
+    from ml.registry import Decision, log_and_register
+
+    ev = _read(paths.reports / "evaluation.json")
+    snap = _read(paths.data / "snapshot.json")
+    tr = _read(paths.train / "train_result.json")
+    decision = Decision(**ev["decision"])
+    metrics = {"test_loss": ev["challenger"]["loss"], "baseline_test_loss": ev["baseline"]["loss"],
+               "test_answer_tokens": ev["challenger"]["tokens"], "final_train_loss": tr["train_loss"],
+               "train_runtime_s": tr["runtime_s"], "train_examples": tr["train_examples"],
+               "truncated_train_examples": tr["truncated_examples"], "dataset_rows": snap["rows"]}
+    if tr["eval_loss"] is not None:
+        metrics["final_val_loss"] = tr["eval_loss"]
+    all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"], **(tags or {})}
+    reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics,
+                           decision=decision, samples=ev["samples"])
+    _write(paths.reports / "registered.json", asdict(reg))
+    return asdict(reg)
+
+
+def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Record the decision in the registry: move the alias, or tag the version rejected."""
+    from ml.registry import Decision, Registered, record_decision
+
+    decision = Decision(**_read(paths.reports / "evaluation.json")["decision"])
+    registered = Registered(**_read(paths.reports / "registered.json"))
+    record_decision(cfg.registry, registered, decision)
+    return {"version": registered.version, "promoted": decision.promote, "reason": decision.reason}
+
+
+def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
+    """Every step in order, without Airflow."""
+    paths = run_paths(cfg, run_key)
+    snap = load(cfg, paths)
+    validate(cfg, paths)
+    prepare(cfg, paths)
+    train(cfg, paths)
+    evaluate(cfg, paths)
+    register(cfg, paths, run_key)
+    result = promote(cfg, paths)
+    return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result}

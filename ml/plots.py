@@ -1,0 +1,34 @@
+"""Pictures people would rather look at than read: the training curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def loss_curve(history: list[dict[str, Any]], out: Path, title: str = "",
+               test_losses: dict[str, float] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
+    for (name, value), style in zip((test_losses or {}).items(), ("--", ":")):
+        ax.axhline(value, linestyle=style, color="gray", label=f"{name} = {value:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per answer token")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

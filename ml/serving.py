@@ -1,0 +1,69 @@
+"""The registered model: an MLflow pyfunc that answers questions with base model + LoRA adapter.
+
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)` takes a
+DataFrame with QUESTION (and optional CONTEXTS) and returns one answer per row.
+The adapter and tokenizer travel as artifacts; a base model that is a local
+folder (the demo's tiny model) travels too, a hub base model is referenced by
+id and revision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+from ml.config import ModelConfig
+from ml.data import QAExample
+
+PYFUNC_PARAMS = {"max_new_tokens": 128}
+
+
+class LoraQAModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    def load_context(self, context: Any) -> None:
+        from ml.modeling import load_with_adapter
+
+        conf = dict(context.model_config or {})
+        base = context.artifacts.get("base_model") or conf["base_model"]
+        self.model_cfg = ModelConfig(base_model=base, revision=conf.get("revision"),
+                                     max_seq_length=int(conf["max_seq_length"]),
+                                     load_in_4bit=bool(conf.get("load_in_4bit", True)),
+                                     use_chat_template=bool(conf.get("use_chat_template", True)))
+        self.instruction = conf["instruction"]
+        self.model, self.tokenizer = load_with_adapter(self.model_cfg, Path(context.artifacts["adapter"]))
+
+    # No type hints: MLflow would derive a schema from them; the explicit signature() is the contract.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        from ml.evaluate import generate_answers
+
+        params = {**PYFUNC_PARAMS, **(params or {})}
+        records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
+        examples = []
+        for i, rec in enumerate(records):
+            ctx = rec.get("CONTEXTS")
+            if ctx is None or (isinstance(ctx, float)):  # missing -> NaN in a DataFrame
+                ctx = []
+            elif isinstance(ctx, str):
+                ctx = [ctx]
+            examples.append(QAExample(str(i), str(rec["QUESTION"]), tuple(str(c) for c in ctx), ""))
+        return generate_answers(self.model, self.tokenizer, examples, self.instruction,
+                                self.model_cfg.use_chat_template, int(params["max_new_tokens"]))
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "QUESTION"),
+                       ColSpec(Array(DataType.string), "CONTEXTS", required=False)]),
+        outputs=Schema([ColSpec(DataType.string)]),
+        params=ParamSchema([ParamSpec(k, DataType.long, v) for k, v in PYFUNC_PARAMS.items()]),
+    )
+
+
+# Logged as "models from code": MLflow runs this file on load instead of unpickling an object.
+set_model(LoraQAModel())
