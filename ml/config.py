@@ -169,19 +169,26 @@ def resolve_path(path: str) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+def profile_dirs() -> list[Path]:
+    """$RETRAIN_PROFILES_DIR (a team's own profiles, searched first), then the shipped ones."""
+    extra = os.environ.get("RETRAIN_PROFILES_DIR")
+    return ([Path(extra)] if extra else []) + [PROFILES_DIR]
+
+
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in profile_dirs() for p in d.glob("*.yaml")})
 
 
 def _profile_path(name: str) -> Path:
     candidate = Path(name)
     if candidate.suffix in {".yaml", ".yml"} and candidate.exists():
         return candidate
-    path = PROFILES_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"unknown profile {name!r}; available: {', '.join(available_profiles())} "
-                          "(or pass a path to a .yaml file)")
-    return path
+    for folder in profile_dirs():
+        path = folder / f"{name}.yaml"
+        if path.exists():
+            return path
+    raise ConfigError(f"unknown profile {name!r}; available: {', '.join(available_profiles())} "
+                      "(or pass a path to a .yaml file)")
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,49 @@
+# One command each: install, demo, test. See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+DEMO_STATE := $(CURDIR)/state/demo
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint typecheck unit mlflow-ui airflow-ui benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/*.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: install
+	$(PY) scripts/demo.py
+
+lint: install
+	$(BIN)/ruff check ml dags plugins tests scripts benchmarks
+
+typecheck: install
+	$(BIN)/mypy ml
+
+unit: install
+	$(BIN)/pytest -m "not slow" -q
+
+test: lint typecheck
+	$(BIN)/pytest -q
+
+# The demo's state in the UIs (run `make demo` first).
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO_STATE)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+airflow-ui: install
+	AIRFLOW_HOME=$(DEMO_STATE)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True RETRAIN_PROFILE=demo \
+	MLFLOW_TRACKING_URI=sqlite:///$(DEMO_STATE)/mlflow/mlflow.db $(BIN)/airflow standalone
+
+benchmark: install
+	$(PY) benchmarks/demo_stages.py
+
+clean:
+	rm -rf state .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""Shared fixtures: real components on loopback and in temp folders.
+
+Airflow reads its configuration at import time, so the environment (a private
+AIRFLOW_HOME, the test profiles) is set here, before any test imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample" / "pubmedqa_ko_sample.jsonl"
+PQAL = ROOT.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json"
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="retrain-tests-"))
+PROFILES = _SESSION_DIR / "profiles"
+TINY_MODEL = _SESSION_DIR / "tiny-llama-ko"
+
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "AIRFLOW_HOME": str(_SESSION_DIR / "airflow"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "RETRAIN_PROFILES_DIR": str(PROFILES),
+    "RETRAIN_PROFILE": "e2e",
+})
+# A run's profile for the tests: the demo's, with every path in the session's temp folder
+# and fewer steps. "e2e-lr0" trains nothing (learning rate 0): a challenger that cannot win.
+PROFILES.mkdir(parents=True)
+(PROFILES / "e2e.yaml").write_text(f"""\
+extends: demo
+output_dir: {_SESSION_DIR / 'runs'}
+model:
+  base_model: {TINY_MODEL}
+train:
+  max_steps: 30
+eval:
+  max_new_tokens: 8
+registry:
+  experiment: e2e
+  model_name: e2e-tiny-lora
+  artifact_location: {_SESSION_DIR / 'mlartifacts'}
+""")
+(PROFILES / "e2e-lr0.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 0.0\n")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny Llama + data-trained tokenizer, built once through the project's own builder."""
+    from ml.config import load_config
+    from ml.data import load_examples
+    from ml.tiny import build_tiny_model
+
+    if not (TINY_MODEL / "config.json").exists():
+        cfg = load_config("e2e")
+        build_tiny_model(load_examples(cfg.data), TINY_MODEL, cfg.data.instruction)
+    return TINY_MODEL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[str]:
+    """A real `mlflow server` process (SQLite backend, proxied artifacts) on loopback."""
+    root = _SESSION_DIR / "mlflow-server"
+    root.mkdir()
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture()
+def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    return mlflow_server
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Airflow's metadata DB (SQLite in the session's AIRFLOW_HOME), migrated by Airflow's own CLI."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

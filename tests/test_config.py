@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml.config import PARAM_PATHS, ConfigError, PipelineConfig, config_from_params, load_config, parse_overrides
+
+
+def test_seed_profile_carries_the_seed_hyperparameters() -> None:
+    cfg = load_config("pubmedqa-ko-llama31-8b")
+    assert cfg.model.base_model == "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+    assert cfg.data.source == "ChuGyouk/PubMedQA-test-Ko"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (16, 16, 0.0, "none")
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    t = cfg.train
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (3, 4, 5, 60)
+    assert (t.learning_rate, t.seed, t.gradient_checkpointing, t.packing) == (2e-4, 3407, "unsloth", False)
+    assert (cfg.model.max_seq_length, cfg.eval.eval_steps) == (512, 10)
+
+
+def test_exaone_profile_inherits_and_overrides() -> None:
+    cfg = load_config("exaone-3.5-2.4b")
+    assert cfg.model.base_model == "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct"
+    assert (cfg.train.num_train_epochs, cfg.train.learning_rate, cfg.train.per_device_train_batch_size) == (3, 1e-5, 1)
+    assert (cfg.train.max_steps, cfg.train.warmup_ratio, cfg.train.optim) == (-1, 0.1, "adamw_torch")
+    assert cfg.lora.r == 16  # inherited from the seed profile
+
+
+def test_demo_profile_changes_model_and_steps_only_where_stated() -> None:
+    seed, demo = load_config("pubmedqa-ko-llama31-8b"), load_config("demo")
+    assert demo.model.base_model != seed.model.base_model
+    assert demo.lora.target_modules == seed.lora.target_modules
+    assert demo.train.seed == seed.train.seed
+    assert demo.registry.min_delta == seed.registry.min_delta
+
+
+def test_overrides_are_validated_and_typed() -> None:
+    cfg = load_config("demo", parse_overrides(["train.learning_rate=1e-4", "lora.r=8"]))
+    assert cfg.train.learning_rate == 1e-4 and cfg.lora.r == 8
+    with pytest.raises(ConfigError, match="train.learning_rte"):
+        load_config("demo", {"train.learning_rte": 1e-4})
+    with pytest.raises(ConfigError, match="lora.r"):
+        load_config("demo", {"lora.r": 0})
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["learning_rate"])
+
+
+def test_unknown_profile_names_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match="pubmedqa-ko-llama31-8b"):
+        load_config("no-such-profile")
+
+
+def test_profile_inheritance_loop_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setenv("RETRAIN_PROFILES_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="loops"):
+        load_config("a")
+
+
+def test_airflow_params_override_only_when_given() -> None:
+    base = load_config("demo")
+    cfg = config_from_params({"profile": "demo", "learning_rate": 0.01, "max_steps": None, "dataset": ""})
+    assert cfg.train.learning_rate == 0.01
+    assert cfg.train.max_steps == base.train.max_steps
+    assert cfg.data.source == base.data.source
+    assert set(PARAM_PATHS.values()) <= set(cfg.flat())
+
+
+def test_flat_lists_every_field_once() -> None:
+    flat = PipelineConfig().flat()
+    assert flat["train.learning_rate"] == 2e-4
+    assert flat["registry.model_name"] == "pubmedqa-ko-llama31-8b-lora"
+    assert not any(isinstance(v, dict) for v in flat.values())

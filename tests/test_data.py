@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import PQAL, SAMPLE
+
+from ml.config import DataConfig
+from ml.data import (
+    DataError,
+    QAExample,
+    assign_split,
+    fingerprint,
+    load_examples,
+    read_jsonl,
+    snapshot,
+    split_examples,
+)
+
+ROWS = [
+    {"PMID": "1", "QUESTION": "질문 하나?", "CONTEXTS": ["맥락 가", "맥락 나"], "LONG_ANSWER": "답 하나."},
+    {"PMID": "2", "QUESTION": "질문 둘?", "CONTEXTS": ["맥락 다"], "LONG_ANSWER": "답 둘."},
+]
+
+
+def _cfg(path: Path, **kw: object) -> DataConfig:
+    return DataConfig(source=str(path), id_column="PMID", **kw)  # type: ignore[arg-type]
+
+
+def _expect_rows(examples: list[QAExample]) -> None:
+    assert [e.key for e in examples] == ["1", "2"]
+    assert examples[0].contexts == ("맥락 가", "맥락 나")
+    assert examples[1].answer == "답 둘."
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) + "\n", encoding="utf-8")
+    _expect_rows(load_examples(_cfg(path)))
+
+
+def test_json_list(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS, ensure_ascii=False), encoding="utf-8")
+    _expect_rows(load_examples(_cfg(path)))
+
+
+def test_pqal_dict_keyed_by_pmid(tmp_path: Path) -> None:
+    path = tmp_path / "pqal.json"
+    path.write_text(json.dumps({r["PMID"]: {k: v for k, v in r.items() if k != "PMID"} for r in ROWS}))
+    _expect_rows(load_examples(DataConfig(source=str(path))))
+
+
+def test_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pd.DataFrame(ROWS).to_parquet(path)
+    _expect_rows(load_examples(_cfg(path)))
+
+
+def test_csv_with_json_encoded_contexts(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    df = pd.DataFrame(ROWS)
+    df["CONTEXTS"] = df["CONTEXTS"].map(lambda c: json.dumps(c, ensure_ascii=False))
+    df.to_csv(path, index=False)
+    _expect_rows(load_examples(_cfg(path)))
+
+
+def test_save_to_disk_folder(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "ds"))
+    _expect_rows(load_examples(_cfg(tmp_path / "ds")))
+
+
+def test_column_mapping_and_string_contexts(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "q": "질문?", "ctx": "한 문단 맥락", "a": "답."}]
+    path.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = DataConfig(source=str(path), id_column="id",
+                     columns={"QUESTION": "q", "CONTEXTS": "ctx", "LONG_ANSWER": "a"})
+    (ex,) = load_examples(cfg)
+    assert (ex.key, ex.question, ex.contexts, ex.answer) == ("a", "질문?", ("한 문단 맥락",), "답.")
+
+
+def test_missing_column_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"QUESTION": "q", "CONTEXTS": []}) + "\n")
+    with pytest.raises(DataError, match="LONG_ANSWER"):
+        load_examples(DataConfig(source=str(path)))
+
+
+def test_unreadable_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match="cannot read"):
+        load_examples(DataConfig(source=str(bad)))
+    with pytest.raises(DataError, match="not found"):
+        load_examples(DataConfig(source=str(tmp_path / "absent.jsonl")))
+
+
+def test_hub_source_offline_fails_with_the_dataset_named() -> None:
+    # HF_HUB_OFFLINE=1 (conftest): the real hub code runs and must say which dataset it could not get.
+    with pytest.raises(DataError, match="ChuGyouk/PubMedQA-test-Ko"):
+        load_examples(DataConfig(source="ChuGyouk/PubMedQA-test-Ko", split="train"))
+
+
+def test_hub_source_goes_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name: str, split: str, revision: str | None) -> datasets.Dataset:
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "PMID"} for r in ROWS])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)  # the hub cannot be reached here
+    examples = load_examples(DataConfig(source="org/name", split="test", revision="abc123"))
+    assert calls == [("org/name", "test", "abc123")]
+    assert [e.question for e in examples] == ["질문 하나?", "질문 둘?"]
+    assert all(e.key.startswith("q-") for e in examples)  # no id column: keyed by the question
+
+
+def test_shipped_sample_loads() -> None:
+    examples = load_examples(DataConfig(source=str(SAMPLE), id_column="PMID"))
+    assert len(examples) == 80
+    assert len({e.key for e in examples}) == 80
+    assert all(e.question and e.answer and e.contexts for e in examples)
+
+
+@pytest.mark.skipif(not PQAL.exists(), reason="../shared/data/pubmedqa/ori_pqal.json not beside the checkout")
+def test_real_pubmedqa_pqal() -> None:
+    examples = load_examples(DataConfig(source=str(PQAL)))
+    assert len(examples) == 1000
+    assert all(e.key.isdigit() for e in examples)
+    parts = split_examples(examples, DataConfig(source=str(PQAL)))
+    assert 60 < len(parts["test"]) < 140 and 60 < len(parts["validation"]) < 140
+
+
+def test_snapshot_fingerprint_follows_content(tmp_path: Path) -> None:
+    examples = load_examples(DataConfig(source=str(SAMPLE), id_column="PMID"))
+    snap = snapshot(DataConfig(source=str(SAMPLE), id_column="PMID"), tmp_path)
+    assert snap.rows == 80 and snap.fingerprint == fingerprint(examples)
+    assert read_jsonl(Path(snap.path)) == examples
+    changed = [*examples[:-1], QAExample(examples[-1].key, examples[-1].question, (), "다른 답")]
+    assert fingerprint(changed) != snap.fingerprint
+
+
+def test_split_is_deterministic_and_stable_under_appends() -> None:
+    cfg = DataConfig(source="x", val_fraction=0.1, test_fraction=0.1)
+    base = [QAExample(f"k{i}", f"q{i}", (), "a") for i in range(500)]
+    before = {e.key: s for s, rows in split_examples(base, cfg).items() for e in rows}
+    grown = [QAExample(f"new{i}", f"nq{i}", (), "a") for i in range(300)] + base[::-1]
+    after = {e.key: s for s, rows in split_examples(grown, cfg).items() for e in rows}
+    assert all(after[k] == s for k, s in before.items())
+    counts = {s: list(before.values()).count(s) for s in ("train", "validation", "test")}
+    assert 25 < counts["test"] < 80 and 25 < counts["validation"] < 80  # ~10% each
+    assert assign_split("k1", 0.1, 0.1) == assign_split("k1", 0.1, 0.1)
+
+
+def test_split_rejects_duplicate_keys() -> None:
+    rows = [QAExample("same", "q1", (), "a"), QAExample("same", "q2", (), "a")]
+    with pytest.raises(DataError, match="not unique"):
+        split_examples(rows, DataConfig(source="x"))

@@ -1,0 +1,98 @@
+"""Real LoRA training of the tiny Llama on the Korean sample, and the loss that judges it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ml import pipeline
+from ml.config import PipelineConfig, load_config
+from ml.data import read_split
+from ml.evaluate import evaluate_model, token_loss
+from ml.modeling import load_with_adapter
+from ml.prompt import encode_all
+from ml.train import TrainResult, lora_config
+
+pytestmark = pytest.mark.slow
+
+
+def _trained(tmp: Path, **overrides: Any) -> tuple[PipelineConfig, pipeline.RunPaths, TrainResult]:
+    cfg = load_config("e2e", {"output_dir": str(tmp), **overrides})
+    paths = pipeline.run_paths(cfg, "t")
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    pipeline.train(cfg, paths)
+    return cfg, paths, TrainResult.read(paths.train)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, TrainResult]:
+    return _trained(tmp_path_factory.mktemp("train"))
+
+
+def test_training_lowers_the_loss_and_saves_an_adapter(trained: Any) -> None:
+    cfg, paths, result = trained
+    history = json.loads(Path(result.log_history).read_text())
+    losses = [r["loss"] for r in history if "loss" in r]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    assert result.global_step == cfg.train.max_steps == len(losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert evals[-1] < evals[0] and result.eval_loss == pytest.approx(evals[-1])
+    adapter = Path(result.adapter_dir)
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "tokenizer.json").exists()
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["r"] == cfg.lora.r and set(saved["target_modules"]) == set(cfg.lora.target_modules)
+
+
+def test_trained_adapter_beats_the_base_model_on_test(trained: Any) -> None:
+    cfg, paths, _ = trained
+    test = read_split(paths.splits, "test")
+    args = (cfg.data.instruction, cfg.model.max_seq_length, True, 4)
+    model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
+    challenger = evaluate_model(model, tok, test, *args)
+    with model.disable_adapter():
+        base = evaluate_model(model, tok, test, *args)
+    assert challenger.loss < base.loss - 0.2
+    assert challenger.tokens == base.tokens > 0 and challenger.examples == len(test)
+
+
+def test_token_loss_matches_the_models_own_loss_and_ignores_padding(trained: Any) -> None:
+    import torch
+
+    cfg, paths, _ = trained
+    model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
+    enc = encode_all(tok, read_split(paths.splits, "test")[:2], cfg.data.instruction, cfg.model.max_seq_length)
+    singles = []
+    for e in enc:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
+        n = sum(t != -100 for t in e.labels[1:])
+        singles.append((float(out.loss), n))
+        assert token_loss(model, [e], tok.pad_token_id, 1).loss == pytest.approx(float(out.loss), rel=1e-5)
+    batched = token_loss(model, enc, tok.pad_token_id, batch_size=2)  # padded together
+    expected = sum(loss * n for loss, n in singles) / sum(n for _, n in singles)
+    assert batched.loss == pytest.approx(expected, rel=1e-5)
+    assert batched.tokens == sum(n for _, n in singles)
+
+
+def test_zero_learning_rate_leaves_the_model_unchanged(tiny_model: Path, tmp_path: Path) -> None:
+    cfg, paths, _ = _trained(tmp_path, **{"train.learning_rate": 0.0, "train.max_steps": 3})
+    test = read_split(paths.splits, "test")
+    model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
+    args = (cfg.data.instruction, cfg.model.max_seq_length, True, 4)
+    with_adapter = evaluate_model(model, tok, test, *args)
+    with model.disable_adapter():
+        base = evaluate_model(model, tok, test, *args)
+    assert with_adapter.loss == pytest.approx(base.loss, abs=1e-6)
+
+
+def test_top_k_layers_scope() -> None:
+    cfg = load_config("e2e", {"lora.top_k_layers": 7, "lora.train_lm_head": True})
+    lc = lora_config(cfg, num_layers=32)
+    assert lc.layers_to_transform == list(range(25, 32))
+    assert lc.modules_to_save == ["lm_head"]
+    assert lora_config(load_config("pubmedqa-ko-llama31-8b"), 32).layers_to_transform is None
