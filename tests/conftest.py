@@ -134,3 +134,14 @@ def airflow_db() -> None:
     """Airflow's metadata DB (SQLite in the session's AIRFLOW_HOME), migrated by Airflow's own CLI."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="session")
+def retrain_dag(airflow_db: None) -> object:
+    """The DAG as Airflow's DagBag parses it from dags/ (import errors fail the fixture)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    assert list(bag.dag_ids) == ["retrain_lora"]
+    return bag.get_dag("retrain_lora")
