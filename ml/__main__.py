@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
     run = argparse.ArgumentParser(add_help=False)
-    default_key = "cli-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    default_key = "cli-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run.add_argument("--run-key", default=default_key, help="names the run folder (default: a timestamp)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -123,12 +123,12 @@ class PipelineConfig(_Strict):
     schedule: str | None = "@weekly"
     # Where runs write snapshots, splits, adapters and reports.
     output_dir: str = "state/runs"
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
+    registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig())
 
     def flat(self) -> dict[str, Any]:
         """Every field as dotted-name -> value: what MLflow logs as params."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,20 @@ def compute_dtype() -> Any:
     return torch.float32
 
 
+def quiet_progress_bars() -> None:
+    """Per-file progress bars flood task logs; our own log lines report progress instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
+    quiet_progress_bars()
     ref = path or model_ref(cfg.base_model)
     try:
         tok = AutoTokenizer.from_pretrained(ref, revision=None if path else cfg.revision)

@@ -130,9 +130,9 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     shown = test[:cfg.eval.num_sample_generations]
     gen_args = (cfg.data.instruction, m.use_chat_template, cfg.eval.max_new_tokens)
     samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans}
-               for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args))]
+               for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args), strict=True)]
     if champ_model is not None:
-        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args)):
+        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args), strict=True):
             row["champion"] = ans
 
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,

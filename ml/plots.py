@@ -17,10 +17,10 @@ def loss_curve(history: list[dict[str, Any]], out: Path, title: str = "",
     val = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", color="tab:blue", alpha=0.8)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
-    for (name, value), style in zip((test_losses or {}).items(), ("--", ":")):
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss", color="tab:orange")
+    for (name, value), style in zip((test_losses or {}).items(), ("--", ":", "-."), strict=False):
         ax.axhline(value, linestyle=style, color="gray", label=f"{name} = {value:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per answer token")

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import mlflow
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
                         "max_seq_length": cfg.model.max_seq_length, "load_in_4bit": cfg.model.load_in_4bit,
                         "use_chat_template": cfg.model.use_chat_template, "instruction": cfg.data.instruction}
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts, model_config=model_config,
+            name="model", python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,
+            model_config=model_config,
             code_paths=[str(Path(__file__).parent)], signature=signature(),
             pip_requirements=_pip_requirements())
         # Registration comes last: a run that failed above leaves no version behind.

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
 
 from ml.config import ModelConfig
 from ml.data import QAExample
@@ -21,7 +21,7 @@ from ml.data import QAExample
 PYFUNC_PARAMS = {"max_new_tokens": 128}
 
 
-class LoraQAModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class LoraQAModel(PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         from ml.modeling import load_with_adapter
 

@@ -82,13 +82,15 @@ def main() -> int:
         if dag_run.state != "success":
             print(f"DAG run {dag_run.run_id} ended {dag_run.state}; see the task logs above", file=sys.stderr)
             return 1
+        timings.update({f"  run {len(results) + 1} task {ti.task_id}": ti.duration or 0.0
+                        for ti in sorted(dag_run.get_task_instances(), key=lambda ti: ti.start_date or 0)
+                        if ti.state == "success"})
         cfg = config_from_params(conf)
         reports = run_paths(cfg, f"retrain_lora__{dag_run.run_id}").reports
         results.append((title, dag_run.run_id, cfg,
                         json.loads((reports / "evaluation.json").read_text()),
                         json.loads((reports / "registered.json").read_text()),
                         json.loads((reports.parent / "data" / "snapshot.json").read_text())))
-        print(f"stage timings: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}")
 
     stage("summary")
     for title, run_id, cfg, ev, reg, snap in results:
@@ -104,8 +106,11 @@ def main() -> int:
     from mlflow import MlflowClient
 
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias)
-    print(f"\n@champion is now version {champion.version}. "
-          f"Stage timings: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}")
+    print(f"\n@champion is now version {champion.version}.")
+    print("\nWall time per stage (seconds):")
+    for name, seconds in timings.items():
+        print(f"  {name:<36} {seconds:7.1f}")
+    (STATE / "timings.json").write_text(json.dumps(timings, indent=1))
     print("\nLook at the same state in the UIs:\n"
           "  make mlflow-ui    # MLflow at http://127.0.0.1:5000 (Models -> versions, aliases, tags)\n"
           "  make airflow-ui   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
