@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
-from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 

@@ -112,9 +112,8 @@ def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
 
 
 def test_champion_loads_as_pyfunc_and_generates(client: Any) -> None:
-    import pandas as pd
-
     import mlflow
+    import pandas as pd
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     answers = model.predict(pd.DataFrame([
