@@ -110,30 +110,34 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
     shutil.rmtree(paths.champion, ignore_errors=True)
     champ = champion(cfg.registry, paths.champion)
-    champ_model = None
-    if champ is None:
-        with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, test, *args)
-        baseline, baseline_name = base, "base model"
-    else:
-        if champ.base_model != m.base_model:
-            log.warning("champion v%s was trained on %s, the challenger on %s: losses per token "
-                        "compare different tokenizations", champ.version, champ.base_model, m.base_model)
-        champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
-        champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
-        baseline = evaluate_model(champ_model, champ_tok, test, *args)
-        baseline_name = f"champion v{champ.version}"
-    log.info("%s test loss %.4f", baseline_name, baseline.loss)
-    decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
-    log.info("decision: %s", decision.reason)
-
     shown = test[:cfg.eval.num_sample_generations]
     gen_args = (cfg.data.instruction, m.use_chat_template, cfg.eval.max_new_tokens)
     samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans}
                for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args), strict=True)]
-    if champ_model is not None:
+
+    if champ is None:
+        with model.disable_adapter():
+            baseline = evaluate_model(model, tokenizer, test, *args)
+        baseline_name = "base model"
+    else:
+        baseline_name = f"champion v{champ.version}"
+        if champ.base_model == m.base_model:
+            # Same base weights: load the champion as a second adapter instead of a second model
+            # (an 8B base in memory once, not twice).
+            model.load_adapter(champ.adapter_dir, adapter_name="champion")
+            model.set_adapter("champion")
+            champ_model, champ_tok = model, tokenizer
+        else:
+            log.warning("champion v%s was trained on %s, the challenger on %s: losses per token "
+                        "compare different tokenizations", champ.version, champ.base_model, m.base_model)
+            champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
+            champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
+        baseline = evaluate_model(champ_model, champ_tok, test, *args)
         for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args), strict=True):
             row["champion"] = ans
+    log.info("%s test loss %.4f", baseline_name, baseline.loss)
+    decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
+    log.info("decision: %s", decision.reason)
 
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "champion_version": champ.version if champ else None, "decision": asdict(decision),

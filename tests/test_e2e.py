@@ -71,6 +71,18 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
             "reports/validation.json", "reports/decision.json"} <= artifacts
 
 
+def test_a_retried_register_task_does_not_register_twice(retrain_dag: Any, client: Any) -> None:
+    from ml import pipeline
+    from ml.config import load_config
+
+    run = client.get_run(_versions(client)["1"].run_id)
+    run_key = run.data.tags["pipeline.run_key"]
+    cfg = load_config("e2e")
+    again = pipeline.register(cfg, pipeline.run_paths(cfg, run_key), run_key)
+    assert again["version"] == "1" and again["run_id"] == run.info.run_id
+    assert list(_versions(client)) == ["1"]
+
+
 def test_better_challenger_takes_the_alias_and_keeps_the_previous(retrain_dag: Any, client: Any) -> None:
     dag_run = _run(retrain_dag, max_steps=90)
     assert dag_run.state == "success"
