@@ -56,6 +56,14 @@ def _run() -> tuple[Any, Any, str]:
     return cfg, run_paths(cfg, run_key), run_key
 
 
+def _step(name: str) -> Any:
+    """Run `ml.pipeline.<name>(cfg, paths)` for this DAG run."""
+    from ml import pipeline
+
+    cfg, paths, _ = _run()
+    return getattr(pipeline, name)(cfg, paths)
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=DEFAULT.schedule,
@@ -72,10 +80,7 @@ def retrain_lora() -> None:
     def load() -> dict[str, Any]:
         from dataclasses import asdict
 
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return asdict(pipeline.load(cfg, paths))
+        return asdict(_step("load"))
 
     @task
     def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -89,24 +94,15 @@ def retrain_lora() -> None:
 
     @task
     def prepare(gate: dict[str, Any]) -> dict[str, int]:
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return pipeline.prepare(cfg, paths)
+        return dict(_step("prepare"))
 
     @task
     def train(splits: dict[str, int]) -> dict[str, Any]:
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return pipeline.train(cfg, paths)
+        return dict(_step("train"))
 
     @task
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return pipeline.evaluate(cfg, paths)
+        return dict(_step("evaluate"))
 
     @task
     def register(evaluation: dict[str, Any]) -> dict[str, str]:
@@ -123,17 +119,11 @@ def retrain_lora() -> None:
 
     @task
     def promote_champion() -> dict[str, Any]:
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return pipeline.promote(cfg, paths)
+        return dict(_step("promote"))  # moves @champion, keeps @previous_champion
 
     @task
     def keep_champion() -> dict[str, Any]:
-        from ml import pipeline
-
-        cfg, paths, _ = _run()
-        return pipeline.promote(cfg, paths)  # tags the version rejected, alias untouched
+        return dict(_step("promote"))  # tags the version rejected; the alias stays
 
     @task(trigger_rule="none_failed_min_one_success")
     def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> str:
