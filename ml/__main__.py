@@ -47,6 +47,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from ml.config import resolve_path
     from ml.data import load_examples
+    from ml.prompt import PromptFormat
     from ml.tiny import build_tiny_model
 
     cfg = _config(args)
@@ -54,7 +55,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     if (out / "config.json").exists() and not args.force:
         print(f"tiny model already at {out} (--force rebuilds)")
         return EXIT_OK
-    build_tiny_model(load_examples(cfg.data), out, cfg.data.instruction)
+    build_tiny_model(load_examples(cfg.data), out, PromptFormat.from_config(cfg))
     print(f"tiny model written to {out}")
     return EXIT_OK
 

@@ -46,6 +46,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     instruction: str = DEFAULT_INSTRUCTION
+    # Labels of the two parts of the Alpaca "input" (the data's language).
+    question_label: str = "질문"
+    contexts_label: str = "연구 내용"
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -55,6 +58,36 @@ class DataConfig(_Strict):
                              f"allowed: {list(CANONICAL_COLUMNS)}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("data.val_fraction + data.test_fraction must leave rows for training")
+        return self
+
+
+class ValidationConfig(_Strict):
+    """Thresholds of the data-quality gate (ml/validate.py); every check is a GX expectation."""
+
+    min_rows: int = Field(100, ge=1)
+    max_rows: int = Field(1_000_000, ge=1)
+    # Characters per field (CONTEXTS: all contexts of a row joined).
+    question_chars: tuple[int, int] = (10, 1_000)
+    context_chars: tuple[int, int] = (20, 20_000)
+    answer_chars: tuple[int, int] = (10, 5_000)
+    # Script of the text: share of its letters that are Hangul (or Latin) per row,
+    # required of `script_mostly` of the rows. None disables the check.
+    script: Literal["hangul", "latin"] | None = "hangul"
+    min_script_share: float = Field(0.5, ge=0.0, le=1.0)
+    script_mostly: float = Field(0.95, gt=0.0, le=1.0)
+    # Fail when more than this share of rows exceed model.max_seq_length tokens.
+    max_truncated_share: float = Field(0.1, ge=0.0, le=1.0)
+    check_fit: bool = True
+    check_pii: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationConfig:
+        for name in ("question_chars", "context_chars", "answer_chars"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"validation.{name} must be [min, max] with 0 <= min <= max")
+        if self.min_rows > self.max_rows:
+            raise ValueError("validation.min_rows must not exceed validation.max_rows")
         return self
 
 
@@ -124,6 +157,7 @@ class PipelineConfig(_Strict):
     # Where runs write snapshots, splits, adapters and reports.
     output_dir: str = "state/runs"
     data: DataConfig = Field(default_factory=lambda: DataConfig())
+    validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.data import QAExample
-from ml.prompt import IGNORE_INDEX, Encoded, encode_all, render
+from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all, render
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,21 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
     return LossResult(total_nll / total_tokens, total_tokens, len(rows))
 
 
-def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], instruction: str,
-                   max_length: int, use_chat_template: bool, batch_size: int) -> LossResult:
-    encoded = encode_all(tokenizer, examples, instruction, max_length, use_chat_template)
+def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
+                   batch_size: int) -> LossResult:
+    encoded = encode_all(tokenizer, examples, fmt)
     return token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
 
 
-def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], instruction: str,
-                     use_chat_template: bool, max_new_tokens: int) -> list[str]:
+def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
+                     max_new_tokens: int) -> list[str]:
     """Greedy answers, one prompt at a time (no padding side effects; a handful of samples)."""
     import torch
 
     dev = next(model.parameters()).device
     answers = []
     for ex in examples:
-        prompt, _ = render(tokenizer, instruction, ex.question, ex.contexts, None, use_chat_template)
+        prompt, _ = render(tokenizer, fmt, ex.question, ex.contexts)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(dev)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,

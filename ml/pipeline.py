@@ -99,11 +99,13 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Challenger vs champion (or the bare base model) on the same test split, in this run."""
     from ml.evaluate import evaluate_model, generate_answers
     from ml.modeling import load_with_adapter
+    from ml.prompt import PromptFormat
     from ml.registry import champion, decide
 
     test = read_split(paths.splits, "test")
     m = cfg.model
-    args = (cfg.data.instruction, m.max_seq_length, m.use_chat_template, cfg.eval.batch_size)
+    fmt = PromptFormat.from_config(cfg)
+    args = (fmt, cfg.eval.batch_size)
     model, tokenizer = load_with_adapter(m, paths.train / "adapter")
     challenger = evaluate_model(model, tokenizer, test, *args)
     log.info("challenger test loss %.4f over %d answer tokens", challenger.loss, challenger.tokens)
@@ -111,7 +113,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     shutil.rmtree(paths.champion, ignore_errors=True)
     champ = champion(cfg.registry, paths.champion)
     shown = test[:cfg.eval.num_sample_generations]
-    gen_args = (cfg.data.instruction, m.use_chat_template, cfg.eval.max_new_tokens)
+    gen_args = (fmt, cfg.eval.max_new_tokens)
     samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans}
                for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args), strict=True)]
 

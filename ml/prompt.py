@@ -8,9 +8,10 @@ served model sees are the same thing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ml.config import DEFAULT_INSTRUCTION, PipelineConfig
 from ml.data import QAExample
 
 IGNORE_INDEX = -100
@@ -22,22 +23,38 @@ ALPACA_TEMPLATE = (
 )
 
 
-def user_input(question: str, contexts: Sequence[str]) -> str:
+@dataclass(frozen=True)
+class PromptFormat:
+    """Everything that decides the token ids of an example; travels with the registered model."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    question_label: str = "질문"
+    contexts_label: str = "연구 내용"
+    use_chat_template: bool = True
+    max_length: int = 512
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> PromptFormat:
+        return cls(cfg.data.instruction, cfg.data.question_label, cfg.data.contexts_label,
+                   cfg.model.use_chat_template, cfg.model.max_seq_length)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def user_input(question: str, contexts: Sequence[str], fmt: PromptFormat = PromptFormat()) -> str:
     """The Alpaca "input": the question followed by its research contexts."""
     ctx = "\n".join(f"- {c.strip()}" for c in contexts if c.strip())
-    return f"질문: {question.strip()}\n\n연구 내용:\n{ctx}" if ctx else f"질문: {question.strip()}"
+    head = f"{fmt.question_label}: {question.strip()}"
+    return f"{head}\n\n{fmt.contexts_label}:\n{ctx}" if ctx else head
 
 
-def _uses_chat(tokenizer: Any, use_chat_template: bool) -> bool:
-    return bool(use_chat_template and getattr(tokenizer, "chat_template", None))
-
-
-def render(tokenizer: Any, instruction: str, question: str, contexts: Sequence[str],
-           answer: str | None = None, use_chat_template: bool = True) -> tuple[str, str]:
+def render(tokenizer: Any, fmt: PromptFormat, question: str, contexts: Sequence[str],
+           answer: str | None = None) -> tuple[str, str]:
     """(prompt text, completion text). The completion carries the end-of-turn/EOS marker."""
-    body = user_input(question, contexts)
-    if _uses_chat(tokenizer, use_chat_template):
-        messages = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
+    body = user_input(question, contexts, fmt)
+    if fmt.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{fmt.instruction}\n\n{body}"}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if answer is None:
             return prompt, ""
@@ -47,7 +64,7 @@ def render(tokenizer: Any, instruction: str, question: str, contexts: Sequence[s
             raise ValueError("the chat template renders the prompt differently with an answer; "
                              "set model.use_chat_template: false for this model")
         return prompt, full[len(prompt):]
-    prompt = (tokenizer.bos_token or "") + ALPACA_TEMPLATE.format(instruction=instruction, input=body)
+    prompt = (tokenizer.bos_token or "") + ALPACA_TEMPLATE.format(instruction=fmt.instruction, input=body)
     return prompt, "" if answer is None else answer + (tokenizer.eos_token or "")
 
 
@@ -62,19 +79,16 @@ class Encoded:
         return self.full_length > len(self.input_ids)
 
 
-def encode(tokenizer: Any, example: QAExample, instruction: str, max_length: int,
-           use_chat_template: bool = True) -> Encoded:
-    prompt, completion = render(tokenizer, instruction, example.question, example.contexts,
-                                example.answer, use_chat_template)
+def encode(tokenizer: Any, example: QAExample, fmt: PromptFormat) -> Encoded:
+    prompt, completion = render(tokenizer, fmt, example.question, example.contexts, example.answer)
     # Tokenised separately so the prompt ids are exactly what generation sees;
     # special tokens are already in the text.
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    return Encoded(ids[:max_length], labels[:max_length], len(ids))
+    return Encoded(ids[:fmt.max_length], labels[:fmt.max_length], len(ids))
 
 
-def encode_all(tokenizer: Any, examples: Sequence[QAExample], instruction: str, max_length: int,
-               use_chat_template: bool = True) -> list[Encoded]:
-    return [encode(tokenizer, ex, instruction, max_length, use_chat_template) for ex in examples]
+def encode_all(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat) -> list[Encoded]:
+    return [encode(tokenizer, ex, fmt) for ex in examples]

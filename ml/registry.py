@@ -148,6 +148,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
                      metrics: dict[str, float], decision: Decision, samples: list[dict[str, str]]) -> Registered:
     """Log one MLflow run with everything the run produced and register its adapter as a new version."""
     from ml.plots import loss_curve
+    from ml.prompt import PromptFormat
     from ml.serving import signature
 
     reg = cfg.registry
@@ -189,8 +190,8 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         if local_base.is_dir():  # a small local base (the demo's) travels with the model
             artifacts["base_model"] = str(local_base)
         model_config = {"base_model": cfg.model.base_model, "revision": cfg.model.revision,
-                        "max_seq_length": cfg.model.max_seq_length, "load_in_4bit": cfg.model.load_in_4bit,
-                        "use_chat_template": cfg.model.use_chat_template, "instruction": cfg.data.instruction}
+                        "load_in_4bit": cfg.model.load_in_4bit,
+                        "prompt_format": PromptFormat.from_config(cfg).to_dict()}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,
             model_config=model_config,

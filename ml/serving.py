@@ -17,6 +17,7 @@ from mlflow.pyfunc import PythonModel
 
 from ml.config import ModelConfig
 from ml.data import QAExample
+from ml.prompt import PromptFormat
 
 PYFUNC_PARAMS = {"max_new_tokens": 128}
 
@@ -27,12 +28,10 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
 
         conf = dict(context.model_config or {})
         base = context.artifacts.get("base_model") or conf["base_model"]
-        self.model_cfg = ModelConfig(base_model=base, revision=conf.get("revision"),
-                                     max_seq_length=int(conf["max_seq_length"]),
-                                     load_in_4bit=bool(conf.get("load_in_4bit", True)),
-                                     use_chat_template=bool(conf.get("use_chat_template", True)))
-        self.instruction = conf["instruction"]
-        self.model, self.tokenizer = load_with_adapter(self.model_cfg, Path(context.artifacts["adapter"]))
+        self.fmt = PromptFormat(**conf["prompt_format"])
+        model_cfg = ModelConfig(base_model=base, revision=conf.get("revision"),
+                                load_in_4bit=bool(conf.get("load_in_4bit", True)))
+        self.model, self.tokenizer = load_with_adapter(model_cfg, Path(context.artifacts["adapter"]))
 
     # No type hints: MLflow would derive a schema from them; the explicit signature() is the contract.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
@@ -48,8 +47,7 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
             elif isinstance(ctx, str):
                 ctx = [ctx]
             examples.append(QAExample(str(i), str(rec["QUESTION"]), tuple(str(c) for c in ctx), ""))
-        return generate_answers(self.model, self.tokenizer, examples, self.instruction,
-                                self.model_cfg.use_chat_template, int(params["max_new_tokens"]))
+        return generate_answers(self.model, self.tokenizer, examples, self.fmt, int(params["max_new_tokens"]))
 
 
 def signature() -> Any:

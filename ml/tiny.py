@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ml.data import QAExample
-from ml.prompt import ALPACA_TEMPLATE, user_input
+from ml.prompt import ALPACA_TEMPLATE, PromptFormat, user_input
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus(examples: Iterable[QAExample], instruction: str) -> Iterable[str]:
+def _corpus(examples: Iterable[QAExample], fmt: PromptFormat) -> Iterable[str]:
     yield ALPACA_TEMPLATE
-    yield instruction
+    yield fmt.instruction
     for ex in examples:
-        yield user_input(ex.question, ex.contexts)
+        yield user_input(ex.question, ex.contexts, fmt)
         yield ex.answer
 
 
-def build_tiny_model(examples: list[QAExample], out_dir: Path, instruction: str, *,
+def build_tiny_model(examples: list[QAExample], out_dir: Path, fmt: PromptFormat, *,
                      vocab_size: int = 2048, hidden_size: int = 64, num_layers: int = 2,
                      seed: int = 0) -> Path:
     """Write tokenizer + randomly initialised Llama to `out_dir` (idempotent for the same inputs)."""
@@ -50,7 +50,7 @@ def build_tiny_model(examples: list[QAExample], out_dir: Path, instruction: str,
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_corpus(examples, instruction), trainer=trainer)
+    bpe.train_from_iterator(_corpus(examples, fmt), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         pad_token="<|pad|>", model_max_length=4096)

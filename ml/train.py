@@ -16,7 +16,7 @@ from typing import Any
 
 from ml.config import PipelineConfig
 from ml.data import read_split
-from ml.prompt import encode_all
+from ml.prompt import PromptFormat, encode_all
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ def _train_hf(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResu
     model = load_base_model(cfg.model)
 
     def tokenized(name: str) -> tuple[Any, int, int]:
-        enc = encode_all(tokenizer, read_split(splits_dir, name), cfg.data.instruction,
-                         cfg.model.max_seq_length, cfg.model.use_chat_template)
+        enc = encode_all(tokenizer, read_split(splits_dir, name), PromptFormat.from_config(cfg))
         rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc]
         return Dataset.from_list(rows), len(enc), sum(e.truncated for e in enc)
 

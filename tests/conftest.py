@@ -72,11 +72,12 @@ def tiny_model() -> Path:
     """The tiny Llama + data-trained tokenizer, built once through the project's own builder."""
     from ml.config import load_config
     from ml.data import load_examples
+    from ml.prompt import PromptFormat
     from ml.tiny import build_tiny_model
 
     if not (TINY_MODEL / "config.json").exists():
         cfg = load_config("e2e")
-        build_tiny_model(load_examples(cfg.data), TINY_MODEL, cfg.data.instruction)
+        build_tiny_model(load_examples(cfg.data), TINY_MODEL, PromptFormat.from_config(cfg))
     return TINY_MODEL
 
 

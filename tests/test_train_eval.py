@@ -13,7 +13,7 @@ from ml.config import PipelineConfig, load_config
 from ml.data import read_split
 from ml.evaluate import evaluate_model, token_loss
 from ml.modeling import load_with_adapter
-from ml.prompt import encode_all
+from ml.prompt import PromptFormat, encode_all
 from ml.train import TrainResult, lora_config
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_saves_an_adapter(trained: Any) -> None:
 def test_trained_adapter_beats_the_base_model_on_test(trained: Any) -> None:
     cfg, paths, _ = trained
     test = read_split(paths.splits, "test")
-    args = (cfg.data.instruction, cfg.model.max_seq_length, True, 4)
+    args = (PromptFormat.from_config(cfg), 4)
     model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
     challenger = evaluate_model(model, tok, test, *args)
     with model.disable_adapter():
@@ -65,7 +65,7 @@ def test_token_loss_matches_the_models_own_loss_and_ignores_padding(trained: Any
 
     cfg, paths, _ = trained
     model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
-    enc = encode_all(tok, read_split(paths.splits, "test")[:2], cfg.data.instruction, cfg.model.max_seq_length)
+    enc = encode_all(tok, read_split(paths.splits, "test")[:2], PromptFormat.from_config(cfg))
     singles = []
     for e in enc:
         with torch.no_grad():
@@ -83,7 +83,7 @@ def test_zero_learning_rate_leaves_the_model_unchanged(tiny_model: Path, tmp_pat
     cfg, paths, _ = _trained(tmp_path, **{"train.learning_rate": 0.0, "train.max_steps": 3})
     test = read_split(paths.splits, "test")
     model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
-    args = (cfg.data.instruction, cfg.model.max_seq_length, True, 4)
+    args = (PromptFormat.from_config(cfg), 4)
     with_adapter = evaluate_model(model, tok, test, *args)
     with model.disable_adapter():
         base = evaluate_model(model, tok, test, *args)
