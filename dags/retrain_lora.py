@@ -86,9 +86,9 @@ def retrain_lora() -> None:
     def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
         from ml import pipeline
 
-        cfg, paths, _ = _run()
+        cfg, paths, run_key = _run()
         try:
-            return pipeline.validate(cfg, paths)
+            return pipeline.validate(cfg, paths, run_key)
         except pipeline.GateFailed as exc:  # no retry can fix bad data
             raise AirflowFailException(str(exc)) from exc
 

@@ -33,13 +33,15 @@ def _print(obj: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ml.data import load_examples
+    from ml.data import load_records
+    from ml.pipeline import gate_tokenizer
     from ml.validate import validate
 
     cfg = _config(args)
-    report = validate(load_examples(cfg.data), cfg)
+    report = validate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
     if args.report:
-        report.write(Path(args.report))
+        json_path, html_path = report.write(Path(args.report))
+        print(f"reports: {json_path} (GX validation result), {html_path}")
     print(report.summary())
     return EXIT_OK if report.success else EXIT_GATE_FAILED
 
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset")
     p.add_argument("--data", help="dataset file or folder (default: the profile's data.source)")
-    p.add_argument("--report", help="write the validation report (JSON) here")
+    p.add_argument("--report", help="write GX's validation result (JSON) here, and an HTML page beside it")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tiny-model", parents=[common], help="build the tiny local Llama used by the demo")
@@ -123,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from ml.data import DataError
+    from ml.modeling import ModelLoadError
     from ml.pipeline import GateFailed
 
     try:
         return int(args.func(args))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except GateFailed as exc:

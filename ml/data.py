@@ -1,9 +1,10 @@
 """Load a QA dataset from the hub or a local file, snapshot it, split it stably.
 
-Every source becomes a list of `QAExample` with the canonical fields
-QUESTION / CONTEXTS / LONG_ANSWER and a stable row key. The split is a pure
-function of that key, so appending rows never moves an existing row between
-train, validation and test.
+Every source becomes canonical records: a stable row ``key`` plus the fields
+QUESTION / CONTEXTS / LONG_ANSWER with their values as the source had them, so
+the data-quality gate can judge types and content before anything is coerced.
+Validated records become `QAExample`s. The split is a pure function of the key,
+so appending rows never moves an existing row between train, validation and test.
 """
 
 from __future__ import annotations
@@ -129,25 +130,29 @@ def normalize_question(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text).strip()
 
 
-def _contexts(value: Any, row_no: int) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        # CSV and some exports store the list JSON-encoded.
-        if value.startswith("[") and value.endswith("]"):
-            try:
-                decoded = json.loads(value)
-                if isinstance(decoded, list):
-                    return tuple(str(v) for v in decoded)
-            except json.JSONDecodeError:
-                pass
-        return (value,)
-    if isinstance(value, Iterable):
-        return tuple(str(v) for v in value)
-    raise DataError(f"row {row_no}: CONTEXTS must be a string or a list of strings, got {type(value).__name__}")
+def _plain(value: Any) -> Any:
+    """numpy/pandas values -> JSON-able Python values; everything else untouched."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return value.tolist()  # numpy arrays (parquet list columns) and numpy scalars
+    if isinstance(value, float) and value != value:  # NaN: a missing value
+        return None
+    return value
 
 
-def canonicalize(records: Sequence[dict[str, Any]], cfg: DataConfig) -> list[QAExample]:
+def _contexts_value(value: Any) -> Any:
+    value = _plain(value)
+    # CSV and some exports store the list JSON-encoded.
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return decoded if isinstance(decoded, list) else value
+    return value
+
+
+def canonical_records(records: Sequence[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    """{key, QUESTION, CONTEXTS, LONG_ANSWER} per row, values as the source had them."""
     if not records:
         raise DataError(f"dataset {cfg.source!r} has no rows")
     mapping = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS}
@@ -158,56 +163,78 @@ def canonicalize(records: Sequence[dict[str, Any]], cfg: DataConfig) -> list[QAE
                         f"{sorted(records[0])}. Map them with data.columns.")
     if cfg.id_column and cfg.id_column not in records[0] and "__id__" not in records[0]:
         raise DataError(f"id column {cfg.id_column!r} not in dataset {cfg.source!r}")
-    examples = []
-    for i, rec in enumerate(records):
-        q, a = rec.get(mapping["QUESTION"]), rec.get(mapping["LONG_ANSWER"])
-        if cfg.id_column and rec.get(cfg.id_column) not in (None, ""):
-            key = str(rec[cfg.id_column])
+    out = []
+    for rec in records:
+        q = _plain(rec.get(mapping["QUESTION"]))
+        if cfg.id_column and _plain(rec.get(cfg.id_column)) not in (None, ""):
+            key = str(_plain(rec[cfg.id_column]))
         elif "__id__" in rec:
-            key = rec["__id__"]
+            key = str(rec["__id__"])
         else:
             key = "q-" + hashlib.sha256(normalize_question(str(q or "")).encode()).hexdigest()[:16]
-        # Validation judges content; here only keep types sane so the gate can run.
-        examples.append(QAExample(key, "" if q is None else str(q),
-                                  _contexts(rec.get(mapping["CONTEXTS"]), i), "" if a is None else str(a)))
-    return examples
+        out.append({"key": key, "QUESTION": q, "CONTEXTS": _contexts_value(rec.get(mapping["CONTEXTS"])),
+                    "LONG_ANSWER": _plain(rec.get(mapping["LONG_ANSWER"]))})
+    return out
+
+
+def to_example(record: dict[str, Any]) -> QAExample:
+    """A validated canonical record as the typed example the model sees."""
+    ctx = record["CONTEXTS"]
+    contexts = () if ctx is None else (ctx,) if isinstance(ctx, str) else tuple(str(c) for c in ctx)
+    return QAExample(record["key"], str(record["QUESTION"] or ""), contexts, str(record["LONG_ANSWER"] or ""))
+
+
+def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
+    return canonical_records(read_records(cfg), cfg)
 
 
 def load_examples(cfg: DataConfig) -> list[QAExample]:
-    return canonicalize(read_records(cfg), cfg)
+    return [to_example(r) for r in load_records(cfg)]
 
 
 # ---------------------------------------------------------------- snapshot
 
-def fingerprint(examples: Sequence[QAExample]) -> str:
-    """Content hash of the canonical rows in order (sha256, hex)."""
+def fingerprint(records: Sequence[dict[str, Any]]) -> str:
+    """Content hash of the canonical records in order (sha256, hex)."""
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps(ex.to_json(), ensure_ascii=False, sort_keys=True).encode())
+    for rec in records:
+        h.update(json.dumps(rec, ensure_ascii=False, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
 
 
-def write_jsonl(examples: Iterable[QAExample], path: Path) -> None:
+def _write_lines(rows: Iterable[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     tmp.replace(path)  # readers never see a half-written file
 
 
-def read_jsonl(path: Path) -> list[QAExample]:
+def _read_lines(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as fh:
-        return [QAExample.from_json(json.loads(line)) for line in fh if line.strip()]
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_jsonl(examples: Iterable[QAExample], path: Path) -> None:
+    _write_lines((ex.to_json() for ex in examples), path)
+
+
+def read_jsonl(path: Path) -> list[QAExample]:
+    return [QAExample.from_json(row) for row in _read_lines(path)]
+
+
+def read_snapshot(out_dir: Path) -> list[dict[str, Any]]:
+    return _read_lines(out_dir / "snapshot.jsonl")
 
 
 def snapshot(cfg: DataConfig, out_dir: Path) -> Snapshot:
-    """Load the source and freeze it as canonical JSONL, so later steps and reruns see the same rows."""
-    examples = load_examples(cfg)
+    """Load the source and freeze its canonical records, so later steps and reruns see the same rows."""
+    records = load_records(cfg)
     path = out_dir / "snapshot.jsonl"
-    write_jsonl(examples, path)
-    snap = Snapshot(str(path), fingerprint(examples), len(examples), cfg.source)
+    _write_lines(records, path)
+    snap = Snapshot(str(path), fingerprint(records), len(records), cfg.source)
     (out_dir / "snapshot.json").write_text(json.dumps(asdict(snap), indent=2))
     log.info("snapshot of %s: %d rows, fingerprint %s", cfg.source, snap.rows, snap.fingerprint[:12])
     return snap

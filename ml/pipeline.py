@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import PipelineConfig, resolve_path
-from ml.data import Snapshot, read_jsonl, read_split, snapshot, split_examples, write_splits
+from ml.data import Snapshot, read_snapshot, read_split, snapshot, split_examples, to_example, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,36 @@ def load(cfg: PipelineConfig, paths: RunPaths) -> Snapshot:
     return snapshot(cfg.data, paths.data)
 
 
-def validate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> dict[str, Any]:
+    """The data-quality gate on the snapshot. On failure, with a run key, the reports are logged
+    to MLflow as a run tagged failed (so reviewers see why a retrain did not happen) and
+    `GateFailed` stops the pipeline: nothing is trained or registered."""
     from ml.validate import validate as run_gate
 
-    report = run_gate(read_jsonl(paths.data / "snapshot.jsonl"), cfg)
+    report = run_gate(read_snapshot(paths.data), cfg, gate_tokenizer(cfg))
     report.write(paths.reports / "validation.json")
-    log.info(report.summary())
     if not report.success:
+        if run_key:
+            from ml.registry import log_failed_validation
+
+            log_failed_validation(cfg, run_key, paths.root, _read(paths.data / "snapshot.json"))
         raise GateFailed(report.summary())
-    return {"success": True, "checks": len(report.checks), "rows": report.rows}
+    return {"success": True, "expectations": len(report.checks), "rows": report.rows,
+            "truncated_share": report.truncated_share}
+
+
+def gate_tokenizer(cfg: PipelineConfig) -> Any:
+    """The base model's tokenizer for the gate's fit check (no weights are loaded)."""
+    if not cfg.validation.check_fit:
+        return None
+    from ml.modeling import load_tokenizer
+
+    return load_tokenizer(cfg.model)
 
 
 def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
-    counts = write_splits(split_examples(read_jsonl(paths.data / "snapshot.jsonl"), cfg.data), paths.splits)
+    examples = [to_example(r) for r in read_snapshot(paths.data)]
+    counts = write_splits(split_examples(examples, cfg.data), paths.splits)
     _write(paths.reports / "splits.json", counts)
     return counts
 

@@ -90,5 +90,15 @@ def encode(tokenizer: Any, example: QAExample, fmt: PromptFormat) -> Encoded:
     return Encoded(ids[:fmt.max_length], labels[:fmt.max_length], len(ids))
 
 
+def token_lengths(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat) -> list[int]:
+    """Untruncated length (prompt + answer) of each example: `encode(...).full_length`, batched."""
+    if not examples:
+        return []
+    pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.answer) for ex in examples]
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    return [len(p) + len(c) for p, c in zip(prompts, answers, strict=True)]
+
+
 def encode_all(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat) -> list[Encoded]:
     return [encode(tokenizer, ex, fmt) for ex in examples]

@@ -207,6 +207,22 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
 
 
+def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snapshot: dict[str, Any]) -> str:
+    """A run that records why a retrain stopped at the gate: tags, the reports, status FAILED.
+
+    No model, no version: the registry itself is untouched."""
+    experiment_id = ensure_experiment(cfg.registry)
+    tags = {RUN_KEY_TAG: run_key, "pipeline.stage": "validation", "validation": "failed",
+            "data_fingerprint": snapshot["fingerprint"], "data_source": snapshot["source"], "profile": cfg.profile}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (gate failed)", tags=tags) as run:
+        mlflow.log_metric("dataset_rows", snapshot["rows"])
+        for report in sorted((run_dir / "reports").glob("validation.*")):
+            mlflow.log_artifact(str(report), "reports")
+        mlflow.end_run(status="FAILED")
+    log.info("gate failure logged as MLflow run %s", run.info.run_id)
+    return str(run.info.run_id)
+
+
 def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 

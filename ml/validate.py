@@ -1,25 +1,54 @@
-"""Data-quality gate that runs before any GPU time.
+"""Data-quality gate: a Great Expectations suite that runs before any GPU time.
 
-The seam the DAG and `python -m ml validate` call: `validate(examples, cfg)`
-returns a report with one entry per check, and `report.success` decides
-whether the run goes on. These first checks are structural; the full Great
-Expectations suite plugs in behind the same function.
+The canonical records (values as the source had them) become one DataFrame with
+a few derived columns (text per field, normalised question, split, token
+count), and every check is a GX expectation over it, tagged with its family:
+
+    schema      the three fields present, not null, of the right types
+    content     no blank question/answer, lengths within bounds, answers that merely repeat the question
+    uniqueness  no duplicate (normalised) questions, no duplicate row keys
+    language    share of Hangul (or Latin) letters per row; catches mojibake
+    privacy     no resident registration numbers, phone numbers or e-mail addresses
+    fit         share of rows longer than model.max_seq_length tokens (their answers would be cut)
+    size        row count within bounds
+    splits      no test question that also appears (same words) in train
+
+Thresholds live in the profile's `validation` section. The report is GX's own
+validation-result JSON plus a static HTML page.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import logging
+import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ml.config import PipelineConfig
-from ml.data import QAExample, normalize_question
+from ml.data import assign_split, normalize_question, to_example
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+log = logging.getLogger(__name__)
+
+FAMILIES = ("schema", "content", "uniqueness", "language", "privacy", "fit", "size", "splits")
+TEXT_COLUMNS = ("QUESTION", "CONTEXTS", "LONG_ANSWER")
+PII_PATTERNS = {
+    "resident registration number": r"(?<!\d)\d{6}\s?-\s?[1-8]\d{6}(?!\d)",
+    "phone number": r"(?<![\d.])(?:\+82[-\s]?|0)1[016789][-\s.]?\d{3,4}[-\s.]?\d{4}(?!\d)"
+                    r"|(?<![\d.])0(?:2|[3-6][1-5])[-\s.]\d{3,4}[-\s.]\d{4}(?!\d)",
+    "e-mail address": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+}
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    name: str
+    family: str
+    expectation: str
+    column: str | None
     success: bool
     message: str
     examples: list[str] = field(default_factory=list)  # offending row keys
@@ -30,41 +59,228 @@ class ValidationReport:
     success: bool
     rows: int
     checks: list[CheckResult]
+    truncated_share: float | None
+    gx_result: dict[str, Any]
 
     @property
     def failures(self) -> list[CheckResult]:
         return [c for c in self.checks if not c.success]
 
+    @property
+    def failed_families(self) -> set[str]:
+        return {c.family for c in self.failures}
+
     def summary(self) -> str:
+        trunc = ("" if self.truncated_share is None
+                 else f"; {self.truncated_share:.1%} of rows exceed max_seq_length")
         if self.success:
-            return f"data-quality gate passed: {len(self.checks)} checks on {self.rows} rows"
-        lines = [f"data-quality gate FAILED ({len(self.failures)} of {len(self.checks)} checks) on {self.rows} rows:"]
-        lines += [f"  - {c.name}: {c.message}" + (f" (rows {', '.join(c.examples)})" if c.examples else "")
-                  for c in self.failures]
+            return f"data-quality gate passed: {len(self.checks)} expectations on {self.rows} rows{trunc}"
+        lines = [f"data-quality gate FAILED: {len(self.failures)} of {len(self.checks)} expectations on "
+                 f"{self.rows} rows{trunc}"]
+        for c in self.failures:
+            where = f"[{c.family}] {c.expectation}" + (f" on {c.column}" if c.column else "")
+            rows = f" (rows {', '.join(c.examples)})" if c.examples else ""
+            lines.append(f"  - {where}: {c.message}{rows}")
         return "\n".join(lines)
 
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2), encoding="utf-8")
+    def write(self, json_path: Path) -> tuple[Path, Path]:
+        """GX's validation-result JSON at `json_path`, the HTML page beside it (.html)."""
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(self.gx_result, ensure_ascii=False, indent=1, default=str),
+                             encoding="utf-8")
+        html_path = json_path.with_suffix(".html")
+        html_path.write_text(render_html(self), encoding="utf-8")
+        return json_path, html_path
 
 
-def _check(name: str, bad: Sequence[QAExample], message: str) -> CheckResult:
-    return CheckResult(name, not bad, f"{len(bad)} rows {message}" if bad else "ok",
-                       [ex.key for ex in bad[:5]])
+# ---------------------------------------------------------------- derived columns
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
-def validate(examples: Sequence[QAExample], cfg: PipelineConfig) -> ValidationReport:
-    seen: dict[str, str] = {}
-    dupes = []
-    for ex in examples:
-        norm = normalize_question(ex.question)
-        if norm in seen:
-            dupes.append(ex)
-        seen.setdefault(norm, ex.key)
-    checks = [
-        CheckResult("row_count", len(examples) >= 10, f"{len(examples)} rows (need at least 10)"),
-        _check("question_not_empty", [e for e in examples if not e.question.strip()], "have an empty QUESTION"),
-        _check("answer_not_empty", [e for e in examples if not e.answer.strip()], "have an empty LONG_ANSWER"),
-        _check("question_unique", dupes, "repeat an earlier QUESTION"),
-    ]
-    return ValidationReport(all(c.success for c in checks), len(examples), checks)
+def _contexts_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    return None
+
+
+def _contexts_kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "list[str]"
+    return type(value).__name__
+
+
+def _repeats(question: str | None, answer: str | None) -> bool | None:
+    """An answer that is the question again (or contained in it) answers nothing."""
+    if question is None or answer is None:
+        return None
+    q, a = normalize_question(question), normalize_question(answer)
+    return bool(a) and (a in q or (q in a and len(a) < 1.2 * len(q)))
+
+
+def _bag(norm: str | None) -> str | None:
+    return " ".join(sorted(set(norm.split()))) if norm else None
+
+
+def build_frame(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None) -> Any:
+    import pandas as pd
+
+    # object dtype: values keep their own Python types (the schema checks look at them row by row),
+    # and None stays None in derived columns (GX map expectations skip nulls).
+    df = pd.DataFrame(list(records), columns=["key", *TEXT_COLUMNS], dtype=object)
+
+    def put(name: str, values: list[Any]) -> None:
+        df[name] = pd.Series(values, index=df.index, dtype=object)
+
+    q_text = [_text(v) for v in df["QUESTION"]]
+    a_text = [_text(v) for v in df["LONG_ANSWER"]]
+    put("QUESTION__text", q_text)
+    put("LONG_ANSWER__text", a_text)
+    put("CONTEXTS__text", [_contexts_text(v) for v in df["CONTEXTS"]])
+    put("CONTEXTS__kind", [_contexts_kind(v) for v in df["CONTEXTS"]])
+    norm = [normalize_question(t) if t is not None else None for t in q_text]
+    put("QUESTION__normalized", norm)
+    put("LONG_ANSWER__repeats_question", [_repeats(q, a) for q, a in zip(q_text, a_text, strict=True)])
+    d = cfg.data
+    splits = [assign_split(str(k), d.val_fraction, d.test_fraction) for k in df["key"]]
+    put("split", splits)
+    bags = [_bag(n) for n in norm]
+    train_bags = {b for s, b in zip(splits, bags, strict=True) if s == "train" and b is not None}
+    put("test_question_in_train", [None if b is None else (s == "test" and b in train_bags)
+                                   for s, b in zip(splits, bags, strict=True)])
+    if tokenizer is not None:
+        put("n_tokens", _token_counts(df, cfg, tokenizer))
+    return df
+
+
+def _token_counts(df: Any, cfg: PipelineConfig, tokenizer: Any) -> list[int | None]:
+    from ml.prompt import PromptFormat, token_lengths
+
+    cols = zip(df["key"], df["QUESTION__text"], df["CONTEXTS"], df["CONTEXTS__text"], df["LONG_ANSWER__text"],
+               strict=True)
+    rows = [{"key": k, "QUESTION": q, "CONTEXTS": c, "LONG_ANSWER": a} if None not in (q, ct, a) else None
+            for k, q, c, ct, a in cols]
+    lengths = iter(token_lengths(tokenizer, [to_example(r) for r in rows if r], PromptFormat.from_config(cfg)))
+    return [next(lengths) if r else None for r in rows]
+
+
+# ---------------------------------------------------------------- the suite
+
+def build_suite(cfg: PipelineConfig, with_fit: bool) -> Any:
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    from ml.expectations import ExpectColumnValuesToHaveScriptShare
+
+    v = cfg.validation
+    exps: list[Any] = []
+
+    def add(family: str, exp: Any) -> None:
+        exp.meta = {"family": family}
+        exps.append(exp)
+
+    for col in TEXT_COLUMNS:
+        add("schema", gxe.ExpectColumnToExist(column=col))
+        add("schema", gxe.ExpectColumnValuesToNotBeNull(column=col))
+    add("schema", gxe.ExpectColumnValuesToBeInTypeList(column="QUESTION", type_list=["str"]))
+    add("schema", gxe.ExpectColumnValuesToBeInTypeList(column="LONG_ANSWER", type_list=["str"]))
+    add("schema", gxe.ExpectColumnValuesToBeInSet(column="CONTEXTS__kind", value_set=["str", "list[str]"]))
+
+    bounds = {"QUESTION": v.question_chars, "CONTEXTS": v.context_chars, "LONG_ANSWER": v.answer_chars}
+    for col in ("QUESTION", "LONG_ANSWER"):
+        add("content", gxe.ExpectColumnValuesToMatchRegex(column=f"{col}__text", regex=r"\S"))
+    for col, (lo, hi) in bounds.items():
+        add("content", gxe.ExpectColumnValueLengthsToBeBetween(column=f"{col}__text", min_value=lo, max_value=hi))
+    add("content", gxe.ExpectColumnValuesToBeInSet(column="LONG_ANSWER__repeats_question", value_set=[False]))
+
+    add("uniqueness", gxe.ExpectColumnValuesToBeUnique(column="QUESTION__normalized"))
+    add("uniqueness", gxe.ExpectColumnValuesToBeUnique(column="key"))
+
+    if v.script:
+        for col in TEXT_COLUMNS:
+            add("language", ExpectColumnValuesToHaveScriptShare(
+                column=f"{col}__text", script=v.script, min_share=v.min_script_share, mostly=v.script_mostly))
+    if v.check_pii:
+        for col in TEXT_COLUMNS:
+            add("privacy", gxe.ExpectColumnValuesToNotMatchRegexList(
+                column=f"{col}__text", regex_list=list(PII_PATTERNS.values())))
+    if with_fit:
+        add("fit", gxe.ExpectColumnValuesToBeBetween(
+            column="n_tokens", max_value=cfg.model.max_seq_length, mostly=1.0 - v.max_truncated_share))
+    add("size", gxe.ExpectTableRowCountToBeBetween(min_value=v.min_rows, max_value=v.max_rows))
+    add("splits", gxe.ExpectColumnValuesToBeInSet(column="test_question_in_train", value_set=[False]))
+    return gx.ExpectationSuite(name=f"{cfg.profile}-data-gate", expectations=exps)
+
+
+def _check_result(res: Any) -> CheckResult:
+    conf = res.expectation_config
+    column = conf.kwargs.get("column")
+    r = res.result or {}
+    keys = [str(row["key"]) for row in (r.get("partial_unexpected_index_list") or [])][:5]
+    if res.exception_info and res.exception_info.get("raised_exception"):
+        message = f"could not be evaluated: {res.exception_info.get('exception_message')}"
+    elif "unexpected_count" in r:
+        message = (f"{r['unexpected_count']} unexpected of {r.get('element_count')} rows "
+                   f"({r.get('unexpected_percent') or 0:.1f}% of non-null values)")
+        if conf.kwargs.get("mostly") is not None:
+            message += f"; allowed {100 * (1 - conf.kwargs['mostly']):.1f}%"
+    else:
+        message = f"observed {r.get('observed_value')}"
+    return CheckResult(conf.meta.get("family", "?"), conf.type, column, bool(res.success), message, keys)
+
+
+def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None = None) -> ValidationReport:
+    """Run the suite; `tokenizer` (the base model's) enables the fit check."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    with_fit = cfg.validation.check_fit and tokenizer is not None
+    frame = build_frame(records, cfg, tokenizer if with_fit else None)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (context.data_sources.add_pandas("retrain").add_dataframe_asset("records")
+             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame}))
+    result = batch.validate(build_suite(cfg, with_fit), result_format={
+        "result_format": "SUMMARY", "unexpected_index_column_names": ["key"], "partial_unexpected_count": 20})
+    checks = [_check_result(r) for r in result.results]
+    truncated = None
+    if with_fit:
+        n = frame["n_tokens"].dropna()
+        truncated = float((n > cfg.model.max_seq_length).mean()) if len(n) else 0.0
+    report = ValidationReport(bool(result.success), len(frame), checks, truncated, result.to_json_dict())
+    log.info(report.summary())
+    return report
+
+
+# ---------------------------------------------------------------- HTML
+
+def render_html(report: ValidationReport) -> str:
+    status = "PASSED" if report.success else "FAILED"
+    rows = []
+    for c in sorted(report.checks, key=lambda c: (c.success, FAMILIES.index(c.family)
+                                                  if c.family in FAMILIES else 99)):
+        rows.append(
+            f"<tr class={'ok' if c.success else 'bad'}><td>{'✔' if c.success else '✘'}</td>"
+            f"<td>{html.escape(c.family)}</td><td><code>{html.escape(c.expectation)}</code></td>"
+            f"<td>{html.escape(c.column or '')}</td><td>{html.escape(c.message)}</td>"
+            f"<td>{html.escape(', '.join(c.examples))}</td></tr>")
+    trunc = ("" if report.truncated_share is None else
+             f"<p>Rows longer than the model's max_seq_length (answer cut off): "
+             f"<b>{report.truncated_share:.1%}</b></p>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Data-quality gate: {status}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} tr.bad{{background:#fde2e2}}
+tr.ok{{background:#e6f4ea}} h1.bad{{color:#b00020}} h1.ok{{color:#1e7b34}}</style></head><body>
+<h1 class={'ok' if report.success else 'bad'}>Data-quality gate {status}</h1>
+<p>{report.rows} rows, {len(report.checks)} expectations, {len(report.failures)} failed
+(families: {html.escape(', '.join(sorted(report.failed_families)) or 'none')}).</p>{trunc}
+<table><tr><th></th><th>family</th><th>expectation</th><th>column</th><th>result</th><th>example row keys</th></tr>
+{''.join(rows)}</table></body></html>
+"""

@@ -23,24 +23,28 @@ def test_help_lists_every_step() -> None:
         assert step in out.stdout
 
 
-def test_validate_passes_on_the_sample(tmp_path: Path) -> None:
+def test_validate_passes_on_the_sample(tmp_path: Path, tiny_model: Path) -> None:
     report = tmp_path / "report.json"
-    out = _ml("validate", "--data", str(SAMPLE), "--profile", "demo", "--report", str(report))
+    out = _ml("validate", "--data", str(SAMPLE), "--profile", "e2e", "--report", str(report))
     assert out.returncode == 0, out.stderr
     assert json.loads(report.read_text())["success"] is True
+    assert "Data-quality gate PASSED" in report.with_suffix(".html").read_text()
 
 
-def test_validate_fails_the_gate_with_named_checks(tmp_path: Path) -> None:
-    lines = SAMPLE.read_text(encoding="utf-8").splitlines()
-    rows = [json.loads(line) for line in lines[:20]]
+def test_validate_fails_the_gate_with_named_checks(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
     rows[3]["LONG_ANSWER"] = "   "
     rows[5]["QUESTION"] = rows[4]["QUESTION"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    out = _ml("validate", "--data", str(bad), "--profile", "demo")
-    assert out.returncode == 1
-    assert "answer_not_empty" in out.stdout and rows[3]["PMID"] in out.stdout
-    assert "question_unique" in out.stdout and rows[5]["PMID"] in out.stdout
+    out = _ml("validate", "--data", str(bad), "--profile", "e2e", "--report", str(tmp_path / "r.json"))
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("[content] expect_column_values_to_match_regex on LONG_ANSWER__text" in line
+               and rows[3]["PMID"] in line for line in lines)
+    assert any("[uniqueness] expect_column_values_to_be_unique on QUESTION__normalized" in line
+               and rows[5]["PMID"] in line for line in lines)
+    assert json.loads((tmp_path / "r.json").read_text())["success"] is False
 
 
 def test_validate_unusable_input_exits_2(tmp_path: Path) -> None:
@@ -50,3 +54,6 @@ def test_validate_unusable_input_exits_2(tmp_path: Path) -> None:
     out = _ml("validate", "--data", str(wrong))
     assert out.returncode == 2 and "QUESTION" in out.stderr
     assert _ml("validate", "--data", str(SAMPLE), "--profile", "nope").returncode == 2
+    # The seed profile's tokenizer is on the (unreachable) hub: the fit check cannot run.
+    out = _ml("validate", "--data", str(SAMPLE), "--profile", "pubmedqa-ko-llama31-8b")
+    assert out.returncode == 2 and "tokenizer" in out.stderr

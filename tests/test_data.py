@@ -14,9 +14,11 @@ from ml.data import (
     assign_split,
     fingerprint,
     load_examples,
-    read_jsonl,
+    load_records,
+    read_snapshot,
     snapshot,
     split_examples,
+    to_example,
 )
 
 ROWS = [
@@ -138,13 +140,22 @@ def test_real_pubmedqa_pqal() -> None:
     assert 60 < len(parts["test"]) < 140 and 60 < len(parts["validation"]) < 140
 
 
-def test_snapshot_fingerprint_follows_content(tmp_path: Path) -> None:
-    examples = load_examples(DataConfig(source=str(SAMPLE), id_column="PMID"))
-    snap = snapshot(DataConfig(source=str(SAMPLE), id_column="PMID"), tmp_path)
-    assert snap.rows == 80 and snap.fingerprint == fingerprint(examples)
-    assert read_jsonl(Path(snap.path)) == examples
-    changed = [*examples[:-1], QAExample(examples[-1].key, examples[-1].question, (), "다른 답")]
+def test_snapshot_keeps_source_values_and_fingerprints_them(tmp_path: Path) -> None:
+    cfg = DataConfig(source=str(SAMPLE), id_column="PMID")
+    records = load_records(cfg)
+    snap = snapshot(cfg, tmp_path)
+    assert snap.rows == 80 and snap.fingerprint == fingerprint(records)
+    assert read_snapshot(tmp_path) == records
+    assert [to_example(r) for r in records] == load_examples(cfg)
+    changed = [*records[:-1], {**records[-1], "LONG_ANSWER": "다른 답"}]
     assert fingerprint(changed) != snap.fingerprint
+
+
+def test_records_keep_types_for_the_gate(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"PMID": 7, "QUESTION": 12, "CONTEXTS": None, "LONG_ANSWER": "답"}) + "\n")
+    (rec,) = load_records(DataConfig(source=str(path), id_column="PMID"))
+    assert rec == {"key": "7", "QUESTION": 12, "CONTEXTS": None, "LONG_ANSWER": "답"}
 
 
 def test_split_is_deterministic_and_stable_under_appends() -> None:

@@ -121,6 +121,18 @@ def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
     assert states["validate"] == "failed"
     assert all(states[t] in ("upstream_failed", None) for t in ("prepare", "train", "register", "promote_champion"))
     assert _versions(client).keys() == before.keys() and _alias(client, "champion") == "2"
+    # ... but reviewers find a run saying why: tagged failed, with GX's report and the HTML page.
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id], "tags.validation = 'failed'")
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.stage"] == "validation"
+    assert run.data.tags["pipeline.run_key"] == f"retrain_lora__{dag_run.run_id}"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "reports")} == {
+        "reports/validation.json", "reports/validation.html"}
+    gx_result = json.loads(Path(client.download_artifacts(run.info.run_id, "reports/validation.json",
+                                                          str(tmp_path))).read_text())
+    failed = [r for r in gx_result["results"] if not r["success"]]
+    assert {r["expectation_config"]["meta"]["family"] for r in failed} == {"content"}
+    assert any(rows[0]["PMID"] == row["key"] for r in failed for row in r["result"]["partial_unexpected_index_list"])
 
 
 def test_champion_loads_as_pyfunc_and_generates(client: Any) -> None:

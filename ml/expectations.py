@@ -1,0 +1,58 @@
+"""Custom Great Expectations expectation used by the data-quality gate.
+
+`ExpectColumnValuesToHaveScriptShare`: per row, the share of a text's letters
+written in one script (Hangul or basic Latin) is at least `min_share`. Mojibake
+(UTF-8 Korean decoded as Latin-1) turns Hangul into accented Latin letters, so
+it fails this check as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, ClassVar, Literal
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics leave the machine
+
+from great_expectations.execution_engine import PandasExecutionEngine  # noqa: E402
+from great_expectations.expectations.expectation import ColumnMapExpectation  # noqa: E402
+from great_expectations.expectations.metrics.map_metric_provider import (  # noqa: E402
+    ColumnMapMetricProvider,
+    column_condition_partial,
+)
+
+SCRIPTS = {
+    "hangul": r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]",
+    "latin": r"[A-Za-z]",
+}
+LETTER = r"[^\W\d_]"
+
+
+def script_share(text: str, script: str) -> float | None:
+    """Share of the letters of `text` in `script`; None when it has no letters."""
+    letters = len(re.findall(LETTER, text))
+    return len(re.findall(SCRIPTS[script], text)) / letters if letters else None
+
+
+class ColumnValuesScriptShareAtLeast(ColumnMapMetricProvider):  # type: ignore[misc]
+    condition_metric_name = "column_values.script_share_at_least"
+    condition_value_keys = ("script", "min_share")
+
+    @column_condition_partial(engine=PandasExecutionEngine)  # type: ignore[untyped-decorator]
+    def _pandas(cls, column: Any, script: str, min_share: float, **kwargs: Any) -> Any:
+        letters = column.str.count(LETTER)
+        in_script = column.str.count(SCRIPTS[script])
+        # Rows without letters (numbers only, empty) say nothing about the language.
+        return (letters == 0) | (in_script >= min_share * letters)
+
+
+class ExpectColumnValuesToHaveScriptShare(ColumnMapExpectation):  # type: ignore[misc]
+    """Expect each text's letters to be mostly in one script (per row, with `mostly` over rows)."""
+
+    script: Literal["hangul", "latin"]
+    min_share: float = 0.5
+
+    map_metric = "column_values.script_share_at_least"
+    success_keys = ("script", "min_share", "mostly")
+    library_metadata: ClassVar[dict[str, Any]] = {"maturity": "experimental", "tags": ["language", "text"],
+                                                  "contributors": ["lora-retrain"]}
