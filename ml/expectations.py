@@ -22,16 +22,20 @@ from great_expectations.expectations.metrics.map_metric_provider import (  # noq
 )
 
 SCRIPTS = {
-    "hangul": r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]",
-    "latin": r"[A-Za-z]",
+    "hangul": "\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f",
+    "latin": "A-Za-z",
 }
-LETTER = r"[^\W\d_]"
+NOT_LETTER = r"[\W\d_]+"
+
+
+def _not_in(script: str) -> str:
+    return f"[^{SCRIPTS[script]}]+"
 
 
 def script_share(text: str, script: str) -> float | None:
     """Share of the letters of `text` in `script`; None when it has no letters."""
-    letters = len(re.findall(LETTER, text))
-    return len(re.findall(SCRIPTS[script], text)) / letters if letters else None
+    letters = len(re.sub(NOT_LETTER, "", text))
+    return len(re.sub(_not_in(script), "", text)) / letters if letters else None
 
 
 class ColumnValuesScriptShareAtLeast(ColumnMapMetricProvider):  # type: ignore[misc]
@@ -40,8 +44,9 @@ class ColumnValuesScriptShareAtLeast(ColumnMapMetricProvider):  # type: ignore[m
 
     @column_condition_partial(engine=PandasExecutionEngine)  # type: ignore[untyped-decorator]
     def _pandas(cls, column: Any, script: str, min_share: float, **kwargs: Any) -> Any:
-        letters = column.str.count(LETTER)
-        in_script = column.str.count(SCRIPTS[script])
+        # Deleting runs of other characters and measuring what is left beats counting matches.
+        letters = column.str.replace(NOT_LETTER, "", regex=True).str.len()
+        in_script = column.str.replace(_not_in(script), "", regex=True).str.len()
         # Rows without letters (numbers only, empty) say nothing about the language.
         return (letters == 0) | (in_script >= min_share * letters)
 

@@ -95,9 +95,14 @@ def token_lengths(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptForm
     if not examples:
         return []
     pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.answer) for ex in examples]
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-    return [len(p) + len(c) for p, c in zip(prompts, answers, strict=True)]
+    prompts, answers = [p for p, _ in pairs], [c for _, c in pairs]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        # Lengths only: the Rust tokenizer without offsets or Python lists is ~2x faster on 100k rows.
+        count = lambda texts: [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
+    else:
+        count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    return [p + c for p, c in zip(count(prompts), count(answers), strict=True)]
 
 
 def encode_all(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat) -> list[Encoded]:

@@ -179,3 +179,17 @@ def test_real_english_pubmedqa_passes_with_the_english_profile(tmp_path: Path) -
     report = validate(records, cfg, AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
     assert report.success, report.summary()
     assert report.rows == 1000 and report.truncated_share is not None
+
+
+@pytest.mark.parametrize(("text", "is_pii"), [
+    ("연락처 010-1234-5678 이다", True), ("01012345678", True), ("02-123-4567", True), ("+82 10-1234-5678", True),
+    ("kim.doctor@hospital.kr", True), ("환자 900101-1234567)", True),
+    ("p<0.001, 2010-2015", False), ("95% CI 1.02-1.45", False), ("n=1234567", False), ("0.01-0.05", False),
+    ("2019-2021년 1,234명", False), ("@twitter", False), ("OR 0.21 (0.11-0.42)", False),
+])
+def test_pii_patterns_flag_identifiers_not_statistics(text: str, is_pii: bool) -> None:
+    import re
+
+    from ml.validate import PII_PATTERNS
+
+    assert any(re.search(p, text) for p in PII_PATTERNS.values()) == is_pii
