@@ -14,6 +14,7 @@ field keeps the profile's value.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import pendulum
@@ -96,11 +97,13 @@ def retrain_lora() -> None:
     def prepare(gate: dict[str, Any]) -> dict[str, int]:
         return dict(_step("prepare"))
 
-    @task
+    # The GPU steps go to the CUDA worker's queue; the trainer runs as a child process there
+    # and checkpoints, so a retry resumes where a killed attempt stopped.
+    @task(queue=DEFAULT.train.queue, retries=DEFAULT.train.retries, retry_delay=timedelta(seconds=30))
     def train(splits: dict[str, int]) -> dict[str, Any]:
         return dict(_step("train"))
 
-    @task
+    @task(queue=DEFAULT.train.queue)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
         return dict(_step("evaluate"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -22,6 +23,11 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
+    if getattr(args, "config", None):  # a run's resolved config, as the DAG's train task passes it
+        try:
+            return PipelineConfig.model_validate_json(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot use config file {args.config}: {exc}") from None
     overrides = parse_overrides(args.set)
     if getattr(args, "data", None):
         overrides["data.source"] = str(Path(args.data).resolve())
@@ -70,6 +76,8 @@ def cmd_step(args: argparse.Namespace) -> int:
     step = args.command
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
+    elif step == "train":  # this process is the trainer (the DAG's child process, or a user)
+        _print(pipeline.train_here(cfg, paths))
     elif step in ("register",):
         _print(pipeline.register(cfg, paths, args.run_key))
     else:
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "default $RETRAIN_PROFILE or the seed profile")
     common.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    common.add_argument("--config", help="a resolved config (JSON) instead of --profile/--set")
     run = argparse.ArgumentParser(add_help=False)
     default_key = "cli-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run.add_argument("--run-key", default=default_key, help="names the run folder (default: a timestamp)")
@@ -122,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = os.environ.get("ML_LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=fmt)
     args = build_parser().parse_args(argv)
     from ml.data import DataError
     from ml.modeling import ModelLoadError

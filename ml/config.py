@@ -125,8 +125,20 @@ class TrainConfig(_Strict):
     weight_decay: float = 0.01
     gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
     packing: bool = False
+    # Throughput options that keep the optimisation the same (examples per optimizer
+    # step, schedule): no pad tokens in a batch, batches of similar lengths.
+    padding_free: bool = False
+    group_by_length: bool = False
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)
+    # The CUDA worker: the Airflow queue of the train (and evaluate) task, its retries,
+    # and checkpoints every `save_steps` so that a retry resumes instead of starting over.
+    queue: str = "gpu"
+    retries: int = Field(1, ge=0)
+    save_steps: int = Field(20, gt=0)
+    # Train in a child process (`python -m ml train`), so CUDA memory is returned
+    # when it ends and a crash or OOM fails the task instead of the worker.
+    isolate: bool = True
 
 
 class EvalConfig(_Strict):

@@ -106,10 +106,69 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
     return counts
 
 
+class TrainingFailed(RuntimeError):
+    """The training process failed (crash, OOM, killed); its last output is in the message."""
+
+
 def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Train in a child process (`train.isolate`, the default) or in this one."""
+    if not cfg.train.isolate:
+        return train_here(cfg, paths)
+    return _train_in_child(cfg, paths)
+
+
+def train_here(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     from ml.train import train as run_training
 
     return asdict(run_training(cfg, paths.splits, paths.train))
+
+
+def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
+    """The child's command line; the run's resolved config travels as a file in the run folder."""
+    import sys
+
+    config_file = paths.root / "config.json"
+    _write(config_file, cfg.model_dump(mode="json"))
+    return [sys.executable, "-m", "ml", "train", "--config", str(config_file), "--run-key", paths.root.name]
+
+
+def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """`python -m ml train` with this run's resolved config; its log lines stream into ours.
+
+    The child owns the GPU: when it ends, CUDA memory goes back to the worker, and an
+    OOM or crash becomes a failed task (with the tail of its output) instead of a dead worker.
+    """
+    import collections
+    import os
+    import subprocess
+
+    cmd = training_command(cfg, paths)
+    log.info("starting training process: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log.info("[train] %s", line)
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:  # this task was stopped: do not leave the GPU busy behind it
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if rc != 0:
+        text = "\n".join(tail)
+        hint = ("; CUDA ran out of memory: lower train.per_device_train_batch_size (raising "
+                "gradient_accumulation_steps keeps the optimisation the same) or model.max_seq_length"
+                if "out of memory" in text.lower() else "")
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        raise TrainingFailed(f"training process {how}{hint}. Last output:\n{text}")
+    return _read(paths.train / "train_result.json")  # type: ignore[no-any-return]
 
 
 def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:

@@ -1,14 +1,24 @@
-"""LoRA supervised fine-tuning with TRL's SFTTrainer.
+"""LoRA supervised fine-tuning with TRL's SFTTrainer, on Unsloth or plain transformers + peft.
 
 Imports neither Airflow nor MLflow: it reads splits from a folder and writes
 the adapter, tokenizer, training curve and summary to another, so the same
-code runs inside a DAG task, from `python -m ml train`, or alone on a GPU box.
+code runs inside a DAG task's child process, from `python -m ml train`, or
+alone on a GPU box.
+
+Backends (config `train.backend`):
+  unsloth  Unsloth FastLanguageModel (4-bit), its LoRA and gradient checkpointing
+  hf       transformers + peft, bitsandbytes NF4 when on CUDA; the CPU path
+  auto     unsloth when CUDA and Unsloth are importable, else hf
+
+Checkpoints are written every `train.save_steps` to `<out>/checkpoints`; a
+rerun of the same run (an Airflow retry) resumes from the last one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +29,8 @@ from ml.data import read_split
 from ml.prompt import PromptFormat, encode_all
 
 log = logging.getLogger(__name__)
+
+WARMUP_STEPS_UNTIMED = 2  # first steps compile kernels and warm allocators; not counted in speed
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,10 @@ class TrainResult:
     train_examples: int
     truncated_examples: int
     log_history: str  # path of the per-step metrics (JSON list)
+    resumed_from_step: int | None = None
+    tokens_per_s: float | None = None  # non-padding tokens per second, after the first steps
+    step_s: float | None = None  # median optimizer-step time, after the first steps
+    peak_gpu_gib: float | None = None
 
     @classmethod
     def read(cls, out_dir: Path) -> TrainResult:
@@ -43,43 +59,69 @@ def pick_backend(requested: str) -> str:
         return requested
     import torch
 
-    if torch.cuda.is_available():
-        try:
-            import unsloth  # noqa: F401
-        except ImportError:
-            return "hf"
-        return "unsloth"
-    return "hf"
+    if not torch.cuda.is_available():
+        return "hf"
+    try:
+        import unsloth  # noqa: F401  (must come before transformers in this process)
+    except ImportError:
+        return "hf"
+    return "unsloth"
 
 
-def _progress_callback() -> Any:
+def _speed_callback() -> Any:
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):  # type: ignore[misc]
-        """One readable line per logging step in the task log: step, loss, speed."""
+    class Speed(TrainerCallback):  # type: ignore[misc]
+        """Logs step, loss, tokens/s and GPU memory each logging step; keeps timings for the result."""
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def __init__(self) -> None:
+            self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen)
             self.t0 = time.perf_counter()
-            log.info("training for %d steps", state.max_steps)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen or 0)))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             logs = logs or {}
-            elapsed = time.perf_counter() - self.t0
             parts = [f"step {state.global_step}/{state.max_steps}"]
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     parts.append(f"{key}={logs[key]:.4g}")
-            if state.num_input_tokens_seen:
-                parts.append(f"tokens/s={state.num_input_tokens_seen / max(elapsed, 1e-9):.0f}")
-            parts.append(f"elapsed={elapsed:.1f}s")
+            speed = self.tokens_per_s()
+            if speed:
+                parts.append(f"tokens/s={speed:.0f}")
+            gib = peak_gpu_gib()
+            if gib is not None:
+                parts.append(f"gpu_mem_peak={gib:.1f}GiB")
+            parts.append(f"elapsed={time.perf_counter() - self.t0:.1f}s")
             log.info(" ".join(parts))
 
-    return Progress()
+        def _timed(self) -> list[tuple[int, float, int]]:
+            return self.marks[WARMUP_STEPS_UNTIMED:] if len(self.marks) > WARMUP_STEPS_UNTIMED + 1 else []
+
+        def tokens_per_s(self) -> float | None:
+            m = self._timed()
+            return (m[-1][2] - m[0][2]) / (m[-1][1] - m[0][1]) if m and m[-1][1] > m[0][1] else None
+
+        def step_s(self) -> float | None:
+            m = self._timed()
+            if not m:
+                return None
+            gaps = sorted(b[1] - a[1] for a, b in zip(m, m[1:], strict=False))
+            return gaps[len(gaps) // 2] if gaps else None
+
+    return Speed()
+
+
+def peak_gpu_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def _sft_trainer_cls() -> Any:
     from transformers import Trainer
-    from trl import SFTTrainer
+    from trl import SFTTrainer  # Unsloth, when imported first, has patched this class
 
     class PortableSFTTrainer(SFTTrainer):  # type: ignore[misc]
         """SFTTrainer whose loss also runs where Triton cannot (the CPU).
@@ -98,7 +140,7 @@ def _sft_trainer_cls() -> Any:
     return PortableSFTTrainer
 
 
-def _sft_args(cfg: PipelineConfig, out_dir: Path, cuda: bool, bf16: bool) -> Any:
+def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16: bool) -> Any:
     from trl import SFTConfig
 
     t = cfg.train
@@ -123,14 +165,20 @@ def _sft_args(cfg: PipelineConfig, out_dir: Path, cuda: bool, bf16: bool) -> Any
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=cfg.eval.eval_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
         report_to="none",
         bf16=cuda and bf16,
         fp16=cuda and not bf16,
-        gradient_checkpointing=t.gradient_checkpointing != "false",
+        # Unsloth checkpoints its own way (set in get_peft_model); hf uses transformers'.
+        gradient_checkpointing=backend == "hf" and t.gradient_checkpointing != "false",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.model.max_seq_length,
         packing=t.packing,
-        include_num_input_tokens_seen=True,
+        padding_free=t.padding_free,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -140,31 +188,74 @@ def lora_config(cfg: PipelineConfig, num_layers: int) -> Any:
     from peft import LoraConfig
 
     lc = cfg.lora
-    layers = None
-    if lc.top_k_layers:
-        k = min(lc.top_k_layers, num_layers)
-        layers = list(range(num_layers - k, num_layers))
     return LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
-        target_modules=list(lc.target_modules), layers_to_transform=layers,
+        target_modules=list(lc.target_modules), layers_to_transform=_layers(cfg, num_layers),
         modules_to_save=["lm_head"] if lc.train_lm_head else None, task_type="CAUSAL_LM")
 
 
-def _train_hf(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResult:
+def _layers(cfg: PipelineConfig, num_layers: int) -> list[int] | None:
+    if not cfg.lora.top_k_layers:
+        return None
+    k = min(cfg.lora.top_k_layers, num_layers)
+    return list(range(num_layers - k, num_layers))
+
+
+def _load_hf(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, peft_config): TRL wraps the model in LoRA (and prepares 4-bit) itself."""
+    from ml.modeling import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model)
+    if cfg.train.gradient_checkpointing != "false" and getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return model, tokenizer, lora_config(cfg, model.config.num_hidden_layers)
+
+
+def _load_unsloth(cfg: PipelineConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, None): Unsloth's 4-bit model, already wrapped in its LoRA."""
+    import unsloth  # noqa: F401  (before transformers)
+    from unsloth import FastLanguageModel
+
+    from ml.modeling import model_ref
+
+    lc, t = cfg.lora, cfg.train
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_ref(cfg.model.base_model), revision=cfg.model.revision,
+        max_seq_length=cfg.model.max_seq_length, dtype=None, load_in_4bit=cfg.model.load_in_4bit)
+    checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[t.gradient_checkpointing]
+    model = FastLanguageModel.get_peft_model(
+        model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+        target_modules=list(lc.target_modules), use_gradient_checkpointing=checkpointing,
+        random_state=t.seed, layers_to_transform=_layers(cfg, model.config.num_hidden_layers),
+        modules_to_save=["lm_head"] if lc.train_lm_head else None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, None
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last), if any."""
+    folder = out_dir / "checkpoints"
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path) -> TrainResult:
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from ml.modeling import load_base_model, load_tokenizer
-
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
+    model, tokenizer, peft_config = (_load_unsloth if backend == "unsloth" else _load_hf)(cfg)
+    fmt = PromptFormat.from_config(cfg)
 
     def tokenized(name: str) -> tuple[Any, int, int]:
-        enc = encode_all(tokenizer, read_split(splits_dir, name), PromptFormat.from_config(cfg))
+        enc = encode_all(tokenizer, read_split(splits_dir, name), fmt)
         rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in enc]
         return Dataset.from_list(rows), len(enc), sum(e.truncated for e in enc)
 
@@ -174,15 +265,19 @@ def _train_hf(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResu
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
                     n_trunc, n_train, cfg.model.max_seq_length)
 
+    speed = _speed_callback()
     trainer = _sft_trainer_cls()(
-        model=model, args=_sft_args(cfg, out_dir, cuda, bf16), train_dataset=train_ds,
+        model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16), train_dataset=train_ds,
         eval_dataset=eval_ds if len(eval_ds) else None, processing_class=tokenizer,
-        peft_config=lora_config(cfg, model.config.num_hidden_layers), callbacks=[_progress_callback()])
-    trainer.remove_callback(PrinterCallback)  # our Progress callback logs the same, readably
+        peft_config=peft_config, callbacks=[speed])
+    trainer.remove_callback(PrinterCallback)  # the Speed callback logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    log.info("LoRA: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}",
+    log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
-    output = trainer.train()
+    resume = last_checkpoint(out_dir)
+    if resume:
+        log.info("resuming from %s", resume.name)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     eval_loss = None
     if len(eval_ds):  # the last periodic eval counts only if it ran on the final weights
@@ -194,21 +289,25 @@ def _train_hf(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResu
     tokenizer.save_pretrained(str(adapter_dir))
     history = out_dir / "log_history.json"
     history.write_text(json.dumps(trainer.state.log_history, indent=1))
-    return TrainResult(str(adapter_dir), "hf", trainer.state.global_step, float(output.training_loss),
-                       eval_loss, time.perf_counter() - t0, n_train, n_trunc, str(history))
+    resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else None
+    return TrainResult(str(adapter_dir), backend, trainer.state.global_step, float(output.training_loss),
+                       eval_loss, time.perf_counter() - t0, n_train, n_trunc, str(history), resumed_step,
+                       speed.tokens_per_s(), speed.step_s(), peak_gpu_gib())
 
 
 def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResult:
     """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`."""
     backend = pick_backend(cfg.train.backend)
-    log.info("backend=%s base_model=%s lr=%g steps=%d", backend, cfg.model.base_model,
-             cfg.train.learning_rate, cfg.train.max_steps)
-    if backend != "hf":
-        raise NotImplementedError(f"training backend {backend!r} is not available in this build; "
-                                  "use train.backend: hf")
+    if backend not in ("hf", "unsloth"):
+        raise ValueError(f"unknown training backend {backend!r}")
+    log.info("backend=%s base_model=%s lr=%g steps=%d batch=%dx%d", backend, cfg.model.base_model,
+             cfg.train.learning_rate, cfg.train.max_steps, cfg.train.per_device_train_batch_size,
+             cfg.train.gradient_accumulation_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = _train_hf(cfg, splits_dir, out_dir)
+    result = _train(cfg, backend, splits_dir, out_dir)
     (out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
+    # The adapter is safely written: the intermediate checkpoints have served their purpose.
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,
              result.runtime_s, result.train_loss, result.eval_loss)
     return result
