@@ -126,8 +126,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
     packing: bool = False
     # Throughput options that keep the optimisation the same (examples per optimizer
-    # step, schedule): no pad tokens in a batch, batches of similar lengths.
-    padding_free: bool = False
+    # step, schedule): no pad tokens in a batch (None: the backend's default; Unsloth
+    # turns it on by itself), batches of similar lengths.
+    padding_free: bool | None = None
     group_by_length: bool = False
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)

@@ -148,7 +148,9 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
     if not cuda and "8bit" in optim:
         log.info("optimizer %s needs CUDA; using adamw_torch on the CPU", optim)
         optim = "adamw_torch"
+    optional = {} if t.padding_free is None else {"padding_free": t.padding_free}
     return SFTConfig(
+        **optional,
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.eval.batch_size,
@@ -176,7 +178,6 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.model.max_seq_length,
         packing=t.packing,
-        padding_free=t.padding_free,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,

@@ -1,0 +1,80 @@
+"""GPU proof (pytest -m gpu; skipped without CUDA): both backends train the Llama-3.1-8B
+architecture in 4-bit, the loss falls on a repeated batch, and the adapter reloads,
+scores the test split and generates.
+
+Needs the random-weight 8B model that ../shared/gpu/anchor_bench.py `make` writes to
+/tmp/l8b (or $GPU_TEST_MODEL). Each training runs as the DAG's child process does
+(`python -m ml train`), so Unsloth's patches stay in their own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+MODEL = Path(os.environ.get("GPU_TEST_MODEL", "/tmp/l8b"))
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no 8B model at {MODEL} (anchor_bench.py make)"),
+]
+
+RELOAD = """
+import json, sys
+from pathlib import Path
+from ml.config import PipelineConfig
+from ml.data import read_split
+from ml.evaluate import evaluate_model, generate_answers
+from ml.modeling import load_with_adapter
+from ml.prompt import PromptFormat
+cfg = PipelineConfig.model_validate_json(Path(sys.argv[1]).read_text())
+run = Path(sys.argv[2])
+model, tok = load_with_adapter(cfg.model, run / "train" / "adapter")
+test = read_split(run / "splits", "test")
+fmt = PromptFormat.from_config(cfg)
+loss = evaluate_model(model, tok, test, fmt, 2)
+with model.disable_adapter():
+    base = evaluate_model(model, tok, test, fmt, 2)
+answers = generate_answers(model, tok, test[:1], fmt, 8)
+print("RELOAD " + json.dumps({"loss": loss.loss, "base": base.loss, "tokens": loss.tokens,
+                             "answer": answers[0], "4bit": bool(getattr(model, "is_loaded_in_4bit", False))}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path) -> None:
+    from ml import pipeline
+    from ml.config import load_config
+    from ml.data import QAExample, write_jsonl
+
+    words = lambda n, s: " ".join(f"t{(s * 7919 + i * 104729) % 128000}" for i in range(n))  # noqa: E731
+    batch = [QAExample(f"k{i}", words(20, i), (words(200, i + 50),), words(60, i + 99)) for i in range(6)]
+    for split in ("train", "validation", "test"):  # a repeated batch: the adapter must learn it
+        write_jsonl(batch, tmp_path / "run" / "splits" / f"{split}.jsonl")
+    cfg = load_config("pubmedqa-ko-llama31-8b", {
+        "model.base_model": str(MODEL), "train.backend": backend, "train.max_steps": 16,
+        "train.learning_rate": 2e-3, "train.warmup_steps": 1, "train.gradient_accumulation_steps": 1,
+        "train.save_steps": 6, "eval.eval_steps": 6, "output_dir": str(tmp_path)})
+    paths = pipeline.run_paths(cfg, "run")
+
+    result = pipeline.train(cfg, paths)  # a child process, as on the CUDA worker
+    assert result["backend"] == backend and result["global_step"] == 16
+    losses = [r["loss"] for r in json.loads(Path(result["log_history"]).read_text()) if "loss" in r]
+    print(backend, "losses", [round(x, 3) for x in losses], "peak GiB", result["peak_gpu_gib"])
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.99 * first, losses
+    assert result["peak_gpu_gib"] < 16
+
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.root / "config.json"), str(paths.root)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reloaded = json.loads(out.stdout.split("RELOAD ", 1)[1])
+    assert reloaded["4bit"] and reloaded["tokens"] > 0 and isinstance(reloaded["answer"], str)
+    print(backend, "reloaded", reloaded)
+    assert reloaded["loss"] < 0.99 * reloaded["base"]  # the saved adapter carries what was learnt
