@@ -32,10 +32,17 @@ PEAK_FLOPS = {"measured_800": 800e12, "spec_989": 989e12}  # H100 dense bf16: me
 
 # variant -> config overrides on top of the seed profile (pubmedqa-ko-llama31-8b)
 VARIANTS: dict[str, dict[str, object]] = {
+    # the seed's shape with length-grouped batches (less padding, same examples per step)
+    "seed_unsloth_grouped": {"train.backend": "unsloth", "train.padding_free": False,
+                             "train.per_device_train_batch_size": 3, "train.gradient_accumulation_steps": 4,
+                             "train.group_by_length": True},
     # the seed exactly: 3 x 4, padded batches (padding-free off), Unsloth 4-bit
-    "seed_unsloth": {"train.backend": "unsloth", "train.padding_free": False},
+    "seed_unsloth": {"train.backend": "unsloth", "train.padding_free": False,
+                     "train.per_device_train_batch_size": 3, "train.gradient_accumulation_steps": 4,
+                     "train.group_by_length": False},
     # transformers + peft + bitsandbytes 4-bit at the seed's shape
-    "seed_hf": {"train.backend": "hf"},
+    "seed_hf": {"train.backend": "hf", "train.per_device_train_batch_size": 3,
+                "train.gradient_accumulation_steps": 4, "train.group_by_length": False},
     # the same 12 examples per optimizer step in one micro-batch, batches of similar lengths
     "fast_unsloth": {"train.backend": "unsloth", "train.per_device_train_batch_size": 12,
                      "train.gradient_accumulation_steps": 1, "train.group_by_length": True,
@@ -43,8 +50,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     # ... and no pad tokens at all (Unsloth's padding-free batching)
     "fast_unsloth_padfree": {"train.backend": "unsloth", "train.per_device_train_batch_size": 12,
                              "train.gradient_accumulation_steps": 1, "train.padding_free": True},
-    # the shipped default profile as it is
-    "default": {},
+    # the shipped default profile as it is (12 x 1, length-grouped, Unsloth on CUDA)
+    "default": {"train.backend": "unsloth"},
 }
 
 
