@@ -8,7 +8,7 @@ from ml.config import PARAM_PATHS, ConfigError, PipelineConfig, config_from_para
 
 
 def test_seed_profile_carries_the_seed_hyperparameters() -> None:
-    cfg = load_config("pubmedqa-ko-llama31-8b")
+    cfg = load_config("pubmedqa-ko-llama31-8b-seed")
     assert cfg.model.base_model == "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
     assert cfg.data.source == "ChuGyouk/PubMedQA-test-Ko"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (16, 16, 0.0, "none")
@@ -17,6 +17,16 @@ def test_seed_profile_carries_the_seed_hyperparameters() -> None:
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (3, 4, 5, 60)
     assert (t.learning_rate, t.seed, t.gradient_checkpointing, t.packing) == (2e-4, 3407, "unsloth", False)
     assert (cfg.model.max_seq_length, cfg.eval.eval_steps) == (512, 10)
+
+
+def test_shipped_default_keeps_the_seed_optimisation_in_a_faster_shape() -> None:
+    seed, default = load_config("pubmedqa-ko-llama31-8b-seed"), load_config("pubmedqa-ko-llama31-8b")
+    per_step = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps  # noqa: E731
+    assert per_step(default.train) == per_step(seed.train) == 12
+    assert default.train.group_by_length and default.train.padding_free is False
+    same = ("warmup_steps", "max_steps", "learning_rate", "lr_scheduler_type", "optim", "seed", "packing")
+    assert {k: getattr(default.train, k) for k in same} == {k: getattr(seed.train, k) for k in same}
+    assert default.lora == seed.lora and default.model == seed.model
 
 
 def test_exaone_profile_inherits_and_overrides() -> None:
@@ -31,7 +41,7 @@ def test_demo_profile_keeps_the_seed_training_shape() -> None:
     seed, demo = load_config("pubmedqa-ko-llama31-8b"), load_config("demo")
     assert demo.model.base_model != seed.model.base_model
     same = ("per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "max_steps",
-            "lr_scheduler_type", "seed", "gradient_checkpointing", "packing")
+            "lr_scheduler_type", "seed", "gradient_checkpointing", "packing", "group_by_length")
     assert {k: getattr(demo.train, k) for k in same} == {k: getattr(seed.train, k) for k in same}
     assert demo.lora.model_dump(exclude={"train_lm_head"}) == seed.lora.model_dump(exclude={"train_lm_head"})
     assert demo.model.max_seq_length == seed.model.max_seq_length
