@@ -7,7 +7,7 @@ USER airflow
 COPY requirements/ /tmp/requirements/
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
       -r /tmp/requirements/base.txt -c /tmp/requirements/constraints.txt \
-      apache-airflow-providers-celery apache-airflow-providers-fab psycopg2-binary
+      apache-airflow-providers-fab
 COPY --chown=airflow:root pyproject.toml /opt/airflow/project/
 COPY --chown=airflow:root ml/ /opt/airflow/project/ml/
 RUN pip install --no-cache-dir --no-deps -e /opt/airflow/project

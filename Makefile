@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_STATE := $(CURDIR)/state/demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint typecheck unit mlflow-ui airflow-ui benchmark clean
+.PHONY: install demo test lint typecheck unit mlflow-ui airflow-ui up down benchmark clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ airflow-ui: install
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True RETRAIN_PROFILE=demo \
 	MLFLOW_TRACKING_URI=sqlite:///$(DEMO_STATE)/mlflow/mlflow.db $(BIN)/airflow standalone
+
+# The stack without Docker (MLflow server + airflow standalone), for the UIs.
+up: install
+	scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
 
 benchmark: install
 	$(PY) benchmarks/demo_stages.py

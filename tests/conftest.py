@@ -56,6 +56,8 @@ registry:
   artifact_location: {_SESSION_DIR / 'mlartifacts'}
 """)
 (PROFILES / "e2e-lr0.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 0.0\n")
+# For a scheduler that runs for real: only the runs a test triggers.
+(PROFILES / "e2e-manual.yaml").write_text("extends: e2e\nschedule: null\n")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
