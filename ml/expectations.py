@@ -9,7 +9,6 @@ it fails this check as well.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, ClassVar, Literal
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics leave the machine
@@ -30,12 +29,6 @@ NOT_LETTER = r"[\W\d_]+"
 
 def _not_in(script: str) -> str:
     return f"[^{SCRIPTS[script]}]+"
-
-
-def script_share(text: str, script: str) -> float | None:
-    """Share of the letters of `text` in `script`; None when it has no letters."""
-    letters = len(re.sub(NOT_LETTER, "", text))
-    return len(re.sub(_not_in(script), "", text)) / letters if letters else None
 
 
 class ColumnValuesScriptShareAtLeast(ColumnMapMetricProvider):  # type: ignore[misc]

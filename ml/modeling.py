@@ -22,16 +22,6 @@ def model_ref(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def is_local_model(name: str) -> bool:
-    return resolve_path(name).is_dir()
-
-
-def device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def compute_dtype() -> Any:
     import torch
 
