@@ -101,14 +101,6 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _contexts_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "\n".join(value)
-    return None
-
-
 def _contexts_kind(value: Any) -> str | None:
     if value is None:
         return None
@@ -117,6 +109,12 @@ def _contexts_kind(value: Any) -> str | None:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "list[str]"
     return type(value).__name__
+
+
+def _contexts_text(value: Any) -> str | None:
+    """All contexts of a row as one text, for rows whose CONTEXTS has a valid kind."""
+    kind = _contexts_kind(value)
+    return value if kind == "str" else "\n".join(value) if kind == "list[str]" else None
 
 
 def _repeats(question: str | None, answer: str | None) -> bool | None:

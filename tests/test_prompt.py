@@ -7,7 +7,7 @@ import pytest
 
 from ml.config import DEFAULT_INSTRUCTION, load_config
 from ml.data import QAExample
-from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render, user_input
+from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render, token_lengths, user_input
 
 EX = QAExample("k1", "비타민 D 보충은 골절을 줄이는가?", ("첫째 맥락 문단.", "둘째 맥락 문단."), "골절 위험이 줄었다.")
 KO = PromptFormat(max_length=4096)
@@ -67,3 +67,10 @@ def test_truncation_is_reported(tokenizer: Any) -> None:
     enc = encode(tokenizer, EX, PromptFormat(max_length=20))
     assert len(enc.input_ids) == len(enc.labels) == 20
     assert enc.truncated and enc.full_length > 20
+
+
+@pytest.mark.parametrize("fmt", [KO, ALPACA, PromptFormat(max_length=20)], ids=["chat", "alpaca", "short"])
+def test_batched_token_lengths_equal_the_encoders(tokenizer: Any, fmt: PromptFormat) -> None:
+    # The gate's fit check counts with token_lengths; training truncates with encode: they must agree.
+    other = QAExample("k2", "짧은 질문?", (), "짧은 답.")
+    assert token_lengths(tokenizer, [EX, other], fmt) == [encode(tokenizer, e, fmt).full_length for e in (EX, other)]
