@@ -1,6 +1,7 @@
 """The project's own train step on the Llama-3.1-8B architecture, on a GPU: speed and memory.
 
-    python3 benchmarks/train_gpu.py VARIANT [--model /tmp/l8b] [--steps 8]
+    python3 benchmarks/train_gpu.py VARIANT [--model /tmp/l8b] [--steps 8] [--set train.KEY=VALUE ...]
+                                            [--tag NAME] [--profile 5:8]
 
 Runs `ml.train.train` (the code the DAG's train task runs) with the seed
 profile's settings on synthetic data whose lengths resemble PubMedQA-Ko under
@@ -13,12 +14,15 @@ One variant per process (Unsloth patches transformers globally).
 Prints one 'RESULT {json}' line and writes $OUT/train_<variant>.json with
 non-padding tokens/s and median step time after 2 warm-up steps, peak GPU
 memory, model FLOPs utilisation (6 x 8.03e9 FLOPs per token) and the loss curve.
+`--profile A:B` runs torch.profiler over optimizer steps A..B and adds how busy
+the GPU was (kernel time / wall time) and the top kernels and CPU ops.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -72,13 +76,62 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
     return rows
 
 
+def profiler_callback(first: int, last: int, report: dict[str, object]) -> object:
+    """Profiles optimizer steps first..last; fills `report` with GPU busy share and top ops."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):  # type: ignore[misc]
+        prof: object = None
+        t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step + 1 == first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False)
+                self.prof.__enter__()  # type: ignore[attr-defined]
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step == last and self.prof is not None:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)  # type: ignore[attr-defined]
+                events = self.prof.key_averages()  # type: ignore[attr-defined]
+                gpu_us = sum(e.self_device_time_total for e in events)
+                report["profile_steps"] = f"{first}..{last}"
+                report["profile_wall_s"] = round(wall, 3)
+                report["profile_gpu_kernel_s"] = round(gpu_us / 1e6, 3)
+                report["profile_gpu_busy"] = round(gpu_us / 1e6 / wall, 3)
+                print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+                print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+
+    return Profile()
+
+
+def parse_value(text: str) -> object:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(VARIANTS))
     parser.add_argument("--model", default="/tmp/l8b")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=480)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override on top of the variant (repeatable)")
+    parser.add_argument("--tag", help="name of this row in the output (default: the variant)")
+    parser.add_argument("--profile", metavar="A:B", help="profile optimizer steps A..B")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tag = args.tag or args.variant
+    extra = dict(kv.split("=", 1) for kv in args.set)
 
     from ml.config import load_config
     from ml.data import QAExample, write_jsonl
@@ -91,15 +144,18 @@ def main() -> int:
     write_jsonl(examples[-24:-12], work / "splits" / "validation.jsonl")
     write_jsonl(examples[-12:], work / "splits" / "test.jsonl")
     overrides = {"model.base_model": args.model, "train.max_steps": args.steps, "train.save_steps": 1000,
-                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant]}
+                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant],
+                 **{k: parse_value(v) for k, v in extra.items()}}
     cfg = load_config("pubmedqa-ko-llama31-8b", overrides)
-    result = train(cfg, work / "splits", work / "out")
+    report: dict[str, object] = {}
+    callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
+    result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
     import torch
 
     res = {
-        "variant": args.variant, "backend": result.backend,
+        "variant": tag, "overrides": extra, "backend": result.backend,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,
@@ -107,11 +163,13 @@ def main() -> int:
         "step_s_median": round(result.step_s or 0.0, 3), "peak_gib": round(result.peak_gpu_gib or 0.0, 2),
         **{f"mfu_{k}": round(tps * 6 * PARAMS / v, 3) for k, v in PEAK_FLOPS.items()},
         "truncated_train_examples": result.truncated_examples, "train_examples": result.train_examples,
-        "loss": [round(r["loss"], 4) for r in history if "loss" in r],
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "uncheckpointed_layers": cfg.train.uncheckpointed_layers,
+        "loss": [round(r["loss"], 4) for r in history if "loss" in r], **report,
     }
     print("RESULT " + json.dumps(res), flush=True)
     out = Path(os.environ.get("OUT", "/tmp"))
-    (out / f"train_{args.variant}.json").write_text(json.dumps(res, indent=1))
+    (out / f"train_{tag}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,39 @@ def _speed_callback() -> Any:
             return gaps[len(gaps) // 2] if gaps else None
 
     return Speed()
+
+
+def _run_directly(function: Any, *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
+
+
+def keep_activations(model: Any, num_layers: int) -> list[str]:
+    """Selective activation checkpointing: the last `num_layers` decoder layers skip the recompute.
+
+    Their checkpoint function becomes a plain call, so they keep their activations
+    for the backward pass whatever the checkpointing flags say (Unsloth re-sets
+    those on every `train()`). Returns the names of the layers changed.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = layers[len(layers) - min(num_layers, len(layers)):] if num_layers else []
+    for _, layer in chosen:
+        layer._gradient_checkpointing_func = _run_directly
+    return [n for n, _ in chosen]
+
+
+def _selective_checkpointing_callback(num_layers: int) -> Any:
+    from transformers import TrainerCallback
+
+    class SelectiveCheckpointing(TrainerCallback):  # type: ignore[misc]
+        # At train begin: after the Trainer (hf backend) has installed its checkpoint functions.
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            names = keep_activations(model, num_layers)
+            log.info("selective checkpointing: %d decoder layers keep their activations (%s .. %s)",
+                     len(names), names[0] if names else "-", names[-1] if names else "-")
+
+    return SelectiveCheckpointing()
 
 
 def peak_gpu_gib() -> float | None:
@@ -244,7 +278,8 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path) -> TrainResult:
+def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
+           callbacks: Sequence[Any] = ()) -> TrainResult:
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -267,10 +302,12 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path) -
                     n_trunc, n_train, cfg.model.max_seq_length)
 
     speed = _speed_callback()
+    extra = [_selective_checkpointing_callback(cfg.train.uncheckpointed_layers)] \
+        if cfg.train.uncheckpointed_layers and cfg.train.gradient_checkpointing != "false" else []
     trainer = _sft_trainer_cls()(
         model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16), train_dataset=train_ds,
         eval_dataset=eval_ds if len(eval_ds) else None, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[speed])
+        peft_config=peft_config, callbacks=[speed, *extra, *callbacks])
     trainer.remove_callback(PrinterCallback)  # the Speed callback logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",
@@ -296,8 +333,11 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path) -
                        speed.tokens_per_s(), speed.step_s(), peak_gpu_gib())
 
 
-def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResult:
-    """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`."""
+def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`.
+
+    `callbacks`: extra transformers `TrainerCallback`s (benchmarks use them to profile).
+    """
     backend = pick_backend(cfg.train.backend)
     if backend not in ("hf", "unsloth"):
         raise ValueError(f"unknown training backend {backend!r}")
@@ -305,7 +345,7 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path) -> TrainResult:
              cfg.train.learning_rate, cfg.train.max_steps, cfg.train.per_device_train_batch_size,
              cfg.train.gradient_accumulation_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = _train(cfg, backend, splits_dir, out_dir)
+    result = _train(cfg, backend, splits_dir, out_dir, callbacks)
     (out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
     # The adapter is safely written: the intermediate checkpoints have served their purpose.
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)

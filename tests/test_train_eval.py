@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,50 @@ def test_top_k_layers_scope() -> None:
     assert lc.layers_to_transform == list(range(25, 32))
     assert lc.modules_to_save == ["lm_head"]
     assert lora_config(load_config("pubmedqa-ko-llama31-8b"), 32).layers_to_transform is None
+
+
+def test_kept_layers_skip_the_recompute_and_give_the_same_gradients(tiny_model: Path) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ml.train import keep_activations
+
+    def step(keep: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, lora_config(load_config("e2e"), model.config.num_hidden_layers))
+        model.enable_input_require_grads()
+        model.train()
+        layers = list(model.base_model.model.model.layers)
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):  # a pre-hook: the recompute stops early, before forward hooks
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        assert len(keep_activations(model, keep)) == keep
+        x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+        model(input_ids=x, labels=x).loss.backward()
+        return calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    all_checkpointed, grads = step(0)
+    assert all_checkpointed == [2, 2]  # forward + recompute in the backward pass
+    last_kept, grads_kept = step(1)
+    assert last_kept == [2, 1]
+    assert grads.keys() == grads_kept.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_kept[name], g, msg=name)
+
+
+def test_selective_checkpointing_trains_the_same_curve(tiny_model: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    steps = {"train.max_steps": 4, "eval.eval_steps": 100, "train.isolate": False}
+    *_, full = _trained(tmp_path / "full", **steps)
+    with caplog.at_level(logging.INFO, logger="ml.train"):
+        *_, kept = _trained(tmp_path / "kept", **steps, **{"train.uncheckpointed_layers": 1})
+    assert "selective checkpointing: 1 decoder layers keep their activations" in caplog.text
+
+    def losses(result: TrainResult) -> list[float]:
+        return [r["loss"] for r in json.loads(Path(result.log_history).read_text()) if "loss" in r]
+
+    assert len(losses(kept)) == 4
+    assert losses(kept) == pytest.approx(losses(full), rel=1e-5)

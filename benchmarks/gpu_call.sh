@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: unpack the GPU bundle, build the random Llama-3.1-8B, then run
+# the benchmark lines of a plan file in order, each in its own process (Unsloth
+# patches transformers globally). Lines: `anchor VARIANT` runs ../shared's
+# reference (carried in .gpu-bundle/), `train ARGS...` runs benchmarks/train_gpu.py.
+#   bash benchmarks/gpu_call.sh benchmarks/plans/final.txt     (carry: .gpu-bundle)
+# Each line's output goes to $OUT/NN.log; RESULT lines are collected in $OUT/results.jsonl.
+set -uo pipefail
+plan=${1:?usage: gpu_call.sh PLAN}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 OUT
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+[ -f /tmp/l8b/config.json ] || python3 .gpu-bundle/anchor_bench.py make > "$OUT/make.log" 2>&1
+n=0
+while read -r kind rest; do
+  [[ -z "$kind" || "$kind" == \#* ]] && continue
+  n=$((n + 1)); log=$(printf '%s/%02d.log' "$OUT" "$n"); t=$SECONDS
+  case "$kind" in
+    anchor) python3 .gpu-bundle/anchor_bench.py $rest > "$log" 2>&1 ;;
+    train) python3 benchmarks/train_gpu.py $rest > "$log" 2>&1 ;;
+    *) echo "unknown plan line: $kind $rest"; continue ;;
+  esac
+  rc=$?
+  echo "[$n] $kind $rest: rc=$rc $((SECONDS - t))s"
+  grep -h '^RESULT ' "$log" | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl" | cut -c1-400
+  [ $rc -ne 0 ] && tail -5 "$log"
+done < "$plan"
+exit 0
