@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = "pubmedqa-ko-llama31-8b"
@@ -128,6 +128,9 @@ class TrainConfig(_Strict):
     # of recomputing them in the backward pass (each saves ~1/num_layers of the recompute
     # and costs ~batch x seq x 120 KB of GPU memory on Llama-3.1-8B). Same maths.
     uncheckpointed_layers: int = Field(0, ge=0)
+    # Pad each batch to a multiple of this many tokens (None: to its longest row). Fewer
+    # distinct shapes means fewer kernel autotunes and attention plans on the GPU.
+    pad_to_multiple_of: int | None = Field(None, gt=0)
     packing: bool = False
     # Throughput options that keep the optimisation the same (examples per optimizer
     # step, schedule): no pad tokens in a batch (None: the backend's default; Unsloth
@@ -144,6 +147,12 @@ class TrainConfig(_Strict):
     # Train in a child process (`python -m ml train`), so CUDA memory is returned
     # when it ends and a crash or OOM fails the task instead of the worker.
     isolate: bool = True
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        # YAML reads `gradient_checkpointing: true` as a bool; it means the string choice.
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 class EvalConfig(_Strict):

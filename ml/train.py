@@ -211,6 +211,7 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         gradient_checkpointing=backend == "hf" and t.gradient_checkpointing != "false",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.model.max_seq_length,
+        pad_to_multiple_of=t.pad_to_multiple_of,
         packing=t.packing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",

@@ -86,3 +86,10 @@ def test_flat_lists_every_field_once() -> None:
     assert flat["train.learning_rate"] == 2e-4
     assert flat["registry.model_name"] == "pubmedqa-ko-llama31-8b-lora"
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_gradient_checkpointing_accepts_yaml_booleans() -> None:
+    assert load_config("e2e", {"train.gradient_checkpointing": True}).train.gradient_checkpointing == "true"
+    assert load_config("e2e", {"train.gradient_checkpointing": False}).train.gradient_checkpointing == "false"
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config("e2e", {"train.gradient_checkpointing": "sometimes"})
