@@ -59,7 +59,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
+def synthetic_rows(n: int, seed: int = 0, full: bool = False) -> list[dict[str, object]]:
+    """PubMedQA-Ko-like lengths; `full`: every row longer than 512 tokens (the reference's full batches)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -70,7 +71,7 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
     rows = []
     for i in range(n):
         q = np.clip(rng.normal(25, 8), 8, 60)
-        ctx = np.clip(rng.lognormal(np.log(330), 0.35), 80, 900)
+        ctx = 600 if full else np.clip(rng.lognormal(np.log(330), 0.35), 80, 900)
         ans = np.clip(rng.normal(110, 35), 30, 260)
         rows.append({"key": f"r{i}", "QUESTION": words(q), "CONTEXTS": [words(ctx)], "LONG_ANSWER": words(ans)})
     return rows
@@ -128,6 +129,8 @@ def main() -> int:
                         help="extra config override on top of the variant (repeatable)")
     parser.add_argument("--tag", help="name of this row in the output (default: the variant)")
     parser.add_argument("--profile", metavar="A:B", help="profile optimizer steps A..B")
+    parser.add_argument("--lengths", choices=["pubmedqa", "full"], default="pubmedqa",
+                        help="row lengths: PubMedQA-Ko-like, or all over 512 tokens (no padding at all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tag = args.tag or args.variant
@@ -139,7 +142,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="train-gpu-"))
     examples = [QAExample(str(r["key"]), str(r["QUESTION"]), tuple(r["CONTEXTS"]), str(r["LONG_ANSWER"]))  # type: ignore[arg-type]
-                for r in synthetic_rows(args.rows)]
+                for r in synthetic_rows(args.rows, full=args.lengths == "full")]
     write_jsonl(examples[:-24], work / "splits" / "train.jsonl")
     write_jsonl(examples[-24:-12], work / "splits" / "validation.jsonl")
     write_jsonl(examples[-12:], work / "splits" / "test.jsonl")
@@ -155,7 +158,7 @@ def main() -> int:
     import torch
 
     res = {
-        "variant": tag, "overrides": extra, "backend": result.backend,
+        "variant": tag, "overrides": extra, "lengths": args.lengths, "backend": result.backend,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,
