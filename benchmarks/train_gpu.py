@@ -3,8 +3,8 @@
     python3 benchmarks/train_gpu.py VARIANT [--model /tmp/l8b] [--steps 8] [--set train.KEY=VALUE ...]
                                             [--tag NAME] [--profile 5:8]
 
-Runs `ml.train.train` (the code the DAG's train task runs) with the seed
-profile's settings on synthetic data whose lengths resemble PubMedQA-Ko under
+Runs `ml.train.train` (the code the DAG's train task runs) with the seed's or
+the default profile's settings on synthetic data whose lengths resemble PubMedQA-Ko under
 the Llama-3 tokenizer (an assumption: question ~25 tokens, contexts ~330
 (log-normal), answer ~110; about half the rows exceed 512 tokens and are
 truncated, as the seed's were), on random weights built by
@@ -34,28 +34,22 @@ sys.path.insert(0, str(ROOT))
 PARAMS = 8.03e9
 PEAK_FLOPS = {"measured_800": 800e12, "spec_989": 989e12}  # H100 dense bf16: measured here / datasheet
 
-# variant -> config overrides on top of the seed profile (pubmedqa-ko-llama31-8b)
-VARIANTS: dict[str, dict[str, object]] = {
-    # the seed's shape with length-grouped batches (less padding, same examples per step)
-    "seed_unsloth_grouped": {"train.backend": "unsloth", "train.padding_free": False,
-                             "train.per_device_train_batch_size": 3, "train.gradient_accumulation_steps": 4,
-                             "train.group_by_length": True},
-    # the seed exactly: 3 x 4, padded batches (padding-free off), Unsloth 4-bit
-    "seed_unsloth": {"train.backend": "unsloth", "train.padding_free": False,
-                     "train.per_device_train_batch_size": 3, "train.gradient_accumulation_steps": 4,
-                     "train.group_by_length": False},
-    # transformers + peft + bitsandbytes 4-bit at the seed's shape
-    "seed_hf": {"train.backend": "hf", "train.per_device_train_batch_size": 3,
-                "train.gradient_accumulation_steps": 4, "train.group_by_length": False},
-    # the same 12 examples per optimizer step in one micro-batch, batches of similar lengths
-    "fast_unsloth": {"train.backend": "unsloth", "train.per_device_train_batch_size": 12,
-                     "train.gradient_accumulation_steps": 1, "train.group_by_length": True,
-                     "train.padding_free": False},
-    # ... and no pad tokens at all (Unsloth's padding-free batching)
-    "fast_unsloth_padfree": {"train.backend": "unsloth", "train.per_device_train_batch_size": 12,
-                             "train.gradient_accumulation_steps": 1, "train.padding_free": True},
-    # the shipped default profile as it is (12 x 1, length-grouped, Unsloth on CUDA)
-    "default": {"train.backend": "unsloth"},
+SEED, DEFAULT = "pubmedqa-ko-llama31-8b-seed", "pubmedqa-ko-llama31-8b"
+
+# variant -> (profile, config overrides); --set adds more
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    # the seed exactly: 3 x 4, random order, padded to the longest row, all layers checkpointed
+    "seed_unsloth": (SEED, {"train.backend": "unsloth"}),
+    # the same through transformers + peft + bitsandbytes 4-bit
+    "seed_hf": (SEED, {"train.backend": "hf"}),
+    # the seed's shape with the default's throughput options (same examples per step)
+    "seed_unsloth_fast": (SEED, {"train.backend": "unsloth", "train.group_by_length": True,
+                                 "train.pad_to_multiple_of": 64, "train.uncheckpointed_layers": 32}),
+    # the shipped default profile as it is (12 x 1, length-grouped, padded to multiples of
+    # 64, the last 12 layers uncheckpointed), on Unsloth
+    "default": (DEFAULT, {"train.backend": "unsloth"}),
+    # ... with Unsloth's padding-free batching instead of padding
+    "default_padfree": (DEFAULT, {"train.backend": "unsloth", "train.padding_free": True}),
 }
 
 
@@ -71,8 +65,8 @@ def synthetic_rows(n: int, seed: int = 0, full: bool = False) -> list[dict[str, 
     rows = []
     for i in range(n):
         q = np.clip(rng.normal(25, 8), 8, 60)
-        ctx = 600 if full else np.clip(rng.lognormal(np.log(330), 0.35), 80, 900)
-        ans = np.clip(rng.normal(110, 35), 30, 260)
+        ctx = 300 if full else np.clip(rng.lognormal(np.log(330), 0.35), 80, 900)
+        ans = 300 if full else np.clip(rng.normal(110, 35), 30, 260)
         rows.append({"key": f"r{i}", "QUESTION": words(q), "CONTEXTS": [words(ctx)], "LONG_ANSWER": words(ans)})
     return rows
 
@@ -147,9 +141,9 @@ def main() -> int:
     write_jsonl(examples[-24:-12], work / "splits" / "validation.jsonl")
     write_jsonl(examples[-12:], work / "splits" / "test.jsonl")
     overrides = {"model.base_model": args.model, "train.max_steps": args.steps, "train.save_steps": 1000,
-                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant],
+                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant][1],
                  **{k: parse_value(v) for k, v in extra.items()}}
-    cfg = load_config("pubmedqa-ko-llama31-8b", overrides)
+    cfg = load_config(VARIANTS[args.variant][0], overrides)
     report: dict[str, object] = {}
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
     result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
@@ -158,7 +152,8 @@ def main() -> int:
     import torch
 
     res = {
-        "variant": tag, "overrides": extra, "lengths": args.lengths, "backend": result.backend,
+        "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,
+        "backend": result.backend,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,
