@@ -2,7 +2,8 @@
 # One device call: unpack the GPU bundle, build the random Llama-3.1-8B, then run
 # the benchmark lines of a plan file in order, each in its own process (Unsloth
 # patches transformers globally). Lines: `anchor VARIANT` runs ../shared's
-# reference (carried in .gpu-bundle/), `train ARGS...` runs benchmarks/train_gpu.py.
+# reference (carried in .gpu-bundle/), `train ARGS...` runs benchmarks/train_gpu.py,
+# `bench SCRIPT ARGS...` another script in benchmarks/.
 #   bash benchmarks/gpu_call.sh benchmarks/plans/final.txt     (carry: .gpu-bundle)
 # Each line's output goes to $OUT/NN.log; RESULT lines are collected in $OUT/results.jsonl.
 set -uo pipefail
@@ -19,10 +20,12 @@ while read -r kind rest; do
   case "$kind" in
     anchor) python3 .gpu-bundle/anchor_bench.py $rest > "$log" 2>&1 ;;
     train) python3 benchmarks/train_gpu.py $rest > "$log" 2>&1 ;;
+    bench) python3 benchmarks/$rest > "$log" 2>&1 ;;
     *) echo "unknown plan line: $kind $rest"; continue ;;
   esac
   rc=$?
   echo "[$n] $kind $rest: rc=$rc $((SECONDS - t))s"
+  grep -h '^PROFILE ' "$log"
   grep -h '^RESULT ' "$log" | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl" | cut -c1-400
   [ $rc -ne 0 ] && tail -5 "$log"
 done < "$plan"
