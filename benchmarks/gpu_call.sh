@@ -3,7 +3,7 @@
 # the benchmark lines of a plan file in order, each in its own process (Unsloth
 # patches transformers globally). Lines: `anchor VARIANT` runs ../shared's
 # reference (carried in .gpu-bundle/), `train ARGS...` runs benchmarks/train_gpu.py,
-# `bench SCRIPT ARGS...` another script in benchmarks/.
+# `bench SCRIPT ARGS...` another script in benchmarks/, `run CMD...` any command.
 #   bash benchmarks/gpu_call.sh benchmarks/plans/final.txt     (carry: .gpu-bundle)
 # Each line's output goes to $OUT/NN.log; RESULT lines are collected in $OUT/results.jsonl.
 set -uo pipefail
@@ -21,12 +21,13 @@ while read -r kind rest; do
     anchor) python3 .gpu-bundle/anchor_bench.py $rest > "$log" 2>&1 ;;
     train) python3 benchmarks/train_gpu.py $rest > "$log" 2>&1 ;;
     bench) python3 benchmarks/$rest > "$log" 2>&1 ;;
+    run) bash -c "$rest" > "$log" 2>&1 ;;
     *) echo "unknown plan line: $kind $rest"; continue ;;
   esac
   rc=$?
   echo "[$n] $kind $rest: rc=$rc $((SECONDS - t))s"
   grep -h '^PROFILE ' "$log"
   grep -h '^RESULT ' "$log" | sed 's/^RESULT //' | tee -a "$OUT/results.jsonl" | cut -c1-400
-  [ $rc -ne 0 ] && tail -5 "$log"
+  [[ $rc -ne 0 || "$kind" == run ]] && tail -5 "$log"
 done < "$plan"
 exit 0
