@@ -115,6 +115,23 @@ def profiler_callback(first: int, last: int, report: dict[str, object]) -> objec
     return Profile()
 
 
+def train_mode_once_callback() -> object:
+    """Experiment: the Trainer calls model.train() before every micro-batch, and Unsloth's
+    train() walks every module; make a call that changes nothing return at once."""
+    from transformers import TrainerCallback
+
+    class TrainModeOnce(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+            original = model.train
+
+            def train(mode: bool = True):  # type: ignore[no-untyped-def]
+                return model if model.training == mode else original(mode)
+
+            model.train = train
+
+    return TrainModeOnce()
+
+
 def parse_value(text: str) -> object:
     import yaml
 
@@ -131,6 +148,8 @@ def main() -> int:
                         help="extra config override on top of the variant (repeatable)")
     parser.add_argument("--tag", help="name of this row in the output (default: the variant)")
     parser.add_argument("--profile", metavar="A:B", help="profile optimizer steps A..B")
+    parser.add_argument("--train-mode-once", action="store_true",
+                        help="experiment: skip the Trainer's per-micro-batch model.train() when already training")
     parser.add_argument("--lengths", choices=["pubmedqa", "full"], default="pubmedqa",
                         help="row lengths: PubMedQA-Ko-like, or all over 512 tokens (no padding at all)")
     args = parser.parse_args()
@@ -154,6 +173,8 @@ def main() -> int:
     cfg = load_config(VARIANTS[args.variant][0], overrides)
     report: dict[str, object] = {}
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
+    if args.train_mode_once:
+        callbacks.append(train_mode_once_callback())
     result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
@@ -161,6 +182,7 @@ def main() -> int:
 
     res = {
         "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,
+        "train_mode_once": args.train_mode_once,
         "backend": result.backend,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,

@@ -124,9 +124,9 @@ class TrainConfig(_Strict):
     optim: str = "adamw_8bit"  # falls back to adamw_torch without CUDA
     weight_decay: float = 0.01
     gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
-    # Selective checkpointing: the last N decoder layers keep their activations instead
-    # of recomputing them in the backward pass (each saves ~1/num_layers of the recompute
-    # and costs ~batch x seq x 120 KB of GPU memory on Llama-3.1-8B). Same maths.
+    # Selective checkpointing (unsloth backend): the last N decoder layers keep their
+    # activations instead of recomputing them in the backward pass; each saves ~1/num_layers
+    # of the recompute for ~batch x seq x 120 KB of GPU memory on Llama-3.1-8B. Same maths.
     uncheckpointed_layers: int = Field(0, ge=0)
     # Pad each batch to a multiple of this many tokens (None: to its longest row). Fewer
     # distinct shapes means fewer kernel autotunes and attention plans on the GPU.
