@@ -24,7 +24,10 @@ def test_shipped_default_keeps_the_seed_optimisation_in_a_faster_shape() -> None
     per_step = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps  # noqa: E731
     assert per_step(default.train) == per_step(seed.train) == 12
     assert default.train.group_by_length and default.train.padding_free is False
-    same = ("warmup_steps", "max_steps", "learning_rate", "lr_scheduler_type", "optim", "seed", "packing")
+    assert (default.train.pad_to_multiple_of, default.train.uncheckpointed_layers) == (64, 12)
+    assert (seed.train.pad_to_multiple_of, seed.train.uncheckpointed_layers) == (None, 0)  # the seed exactly
+    same = ("warmup_steps", "max_steps", "learning_rate", "lr_scheduler_type", "optim", "seed", "packing",
+            "gradient_checkpointing")
     assert {k: getattr(default.train, k) for k in same} == {k: getattr(seed.train, k) for k in same}
     assert default.lora == seed.lora and default.model == seed.model
 
