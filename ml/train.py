@@ -138,7 +138,7 @@ def _selective_checkpointing_callback(num_layers: int) -> Any:
     from transformers import TrainerCallback
 
     class SelectiveCheckpointing(TrainerCallback):  # type: ignore[misc]
-        # At train begin: after the Trainer (hf backend) has installed its checkpoint functions.
+        # At train begin: the model is final by then, so nothing re-installs the functions after us.
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             names = keep_activations(model, num_layers)
             log.info("selective checkpointing: %d decoder layers keep their activations (%s .. %s)",
