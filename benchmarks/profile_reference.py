@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / ".gpu-bundle")]
 import anchor_bench  # noqa: E402
-from train_gpu import kernel_us  # noqa: E402
+from train_gpu import kernel_us, print_top_ops  # noqa: E402
 
 WAIT, WARMUP, ACTIVE = 4, 1, 3
 
@@ -47,8 +47,7 @@ def main() -> None:
     wall = marks[WAIT + WARMUP + ACTIVE - 1] - marks[WAIT + WARMUP - 1]
     print(f"PROFILE reference steps {WAIT + WARMUP + 1}..{WAIT + WARMUP + ACTIVE}: wall {wall / ACTIVE:.3f} s/step, "
           f"GPU kernels {gpu_s / ACTIVE:.3f} s/step, busy {gpu_s / wall:.2f}")
-    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    print_top_ops(events)
 
 
 if __name__ == "__main__":

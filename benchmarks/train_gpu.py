@@ -79,6 +79,11 @@ def kernel_us(events: object) -> float:
                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
 
 
+def print_top_ops(events: object) -> None:
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        print(events.table(sort_by=key, row_limit=25, max_name_column_width=70))  # type: ignore[attr-defined]
+
+
 def profiler_callback(first: int, last: int, report: dict[str, object]) -> object:
     """Profiles optimizer steps first..last; fills `report` with GPU busy share and top ops."""
     import time
@@ -109,8 +114,7 @@ def profiler_callback(first: int, last: int, report: dict[str, object]) -> objec
                 report["profile_wall_s"] = round(wall, 3)
                 report["profile_gpu_kernel_s"] = round(gpu_us / 1e6, 3)
                 report["profile_gpu_busy"] = round(gpu_us / 1e6 / wall, 3)
-                print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
-                print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+                print_top_ops(events)
 
     return Profile()
 
@@ -132,12 +136,6 @@ def train_mode_once_callback() -> object:
     return TrainModeOnce()
 
 
-def parse_value(text: str) -> object:
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(VARIANTS))
@@ -155,11 +153,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tag = args.tag or args.variant
-    extra = dict(kv.split("=", 1) for kv in args.set)
 
-    from ml.config import load_config
+    from ml.config import load_config, parse_overrides
     from ml.data import QAExample, write_jsonl
     from ml.train import train
+
+    extra = parse_overrides(args.set)  # before any work: a malformed --set fails at once
 
     work = Path(tempfile.mkdtemp(prefix="train-gpu-"))
     examples = [QAExample(str(r["key"]), str(r["QUESTION"]), tuple(r["CONTEXTS"]), str(r["LONG_ANSWER"]))  # type: ignore[arg-type]
@@ -168,8 +167,7 @@ def main() -> int:
     write_jsonl(examples[-24:-12], work / "splits" / "validation.jsonl")
     write_jsonl(examples[-12:], work / "splits" / "test.jsonl")
     overrides = {"model.base_model": args.model, "train.max_steps": args.steps, "train.save_steps": 1000,
-                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant][1],
-                 **{k: parse_value(v) for k, v in extra.items()}}
+                 "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant][1], **extra}
     cfg = load_config(VARIANTS[args.variant][0], overrides)
     report: dict[str, object] = {}
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
