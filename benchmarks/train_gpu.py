@@ -156,7 +156,7 @@ def main() -> int:
 
     from ml.config import load_config, parse_overrides
     from ml.data import QAExample, write_jsonl
-    from ml.train import train
+    from ml.train import resolve_loss_head, train
 
     extra = parse_overrides(args.set)  # before any work: a malformed --set fails at once
 
@@ -182,6 +182,7 @@ def main() -> int:
         "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,
         "train_mode_once": args.train_mode_once,
         "backend": result.backend,
+        "loss_head": resolve_loss_head(cfg.train.loss_head, result.backend, torch.cuda.is_available()),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,

@@ -69,18 +69,54 @@ def pick_backend(requested: str) -> str:
     return "unsloth"
 
 
-def _speed_callback() -> Any:
+class TokenCounter:
+    """Wraps the data collator: counts each batch's non-padding tokens on the host as it is built.
+
+    Throughput then costs no device->host sync; the Trainer's own count
+    (`include_num_input_tokens_seen`) waits for the GPU once per micro-batch.
+    """
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, features: Any) -> Any:
+        batch = self.collate(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+
+def _speed_callback(counter: TokenCounter) -> Any:
     from transformers import TrainerCallback
 
     class Speed(TrainerCallback):  # type: ignore[misc]
-        """Logs step, loss, tokens/s and GPU memory each logging step; keeps timings for the result."""
+        """Logs step, loss, tokens/s and GPU memory each logging step; keeps timings for the result.
+
+        Evaluation and checkpoint saving are paused out: the speed is the training loop's.
+        """
 
         def __init__(self) -> None:
-            self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen)
-            self.t0 = time.perf_counter()
+            self.marks: list[tuple[int, float, int]] = []  # (step, training time, training tokens)
+            self.t0 = self.last = time.perf_counter()
+            self.last_tokens = 0
+            self.paused_s, self.paused_tokens = 0.0, 0
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+            self.last, self.last_tokens = time.perf_counter(), counter.tokens
+            self.marks.append((state.global_step, self.last - self.paused_s, self.last_tokens - self.paused_tokens))
+
+        def _pause(self) -> None:
+            now = time.perf_counter()
+            self.paused_s += now - self.last
+            self.paused_tokens += counter.tokens - self.last_tokens
+            self.last, self.last_tokens = now, counter.tokens
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._pause()
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._pause()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             logs = logs or {}
@@ -153,25 +189,34 @@ def peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def _sft_trainer_cls() -> Any:
+def _sft_trainer_cls(loss_head: str) -> Any:
     from transformers import Trainer
     from trl import SFTTrainer  # Unsloth, when imported first, has patched this class
 
-    class PortableSFTTrainer(SFTTrainer):  # type: ignore[misc]
-        """SFTTrainer whose loss also runs where Triton cannot (the CPU).
+    class ProjectSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        """SFTTrainer whose loss runs where `train.loss_head` says.
 
-        TRL computes the loss through a fused Triton LM-head kernel. On a CPU we
-        fall back to the model's own cross-entropy over the same labels: the
-        same per-token NLL, minus TRL's extra logging metrics.
+        "trl": TRL's fused LM head (a Triton kernel, so CUDA only). Otherwise, and
+        always on the CPU, the model's own forward with labels, as `Trainer` does:
+        the same per-token NLL over the same labels, minus TRL's entropy and
+        token-accuracy logs.
         """
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            if inputs["input_ids"].is_cuda:
+            if loss_head == "trl" and inputs["input_ids"].is_cuda:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    return PortableSFTTrainer
+    return ProjectSFTTrainer
+
+
+def resolve_loss_head(requested: str, backend: str, cuda: bool) -> str:
+    """"auto": TRL's fused head for the hf backend on CUDA, where the model's own loss would
+    build the full (tokens x 128k) logits; the model's own elsewhere (Unsloth's is already fused)."""
+    if requested != "auto":
+        return requested
+    return "trl" if backend == "hf" and cuda else "model"
 
 
 def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16: bool) -> Any:
@@ -214,7 +259,10 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         pad_to_multiple_of=t.pad_to_multiple_of,
         packing=t.packing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding",
+        # Both cost a device->host sync per micro-batch: tokens are counted on the host
+        # (TokenCounter), and a NaN/inf loss is logged as it is rather than replaced.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -302,7 +350,8 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
                     n_trunc, n_train, cfg.model.max_seq_length)
 
-    speed = _speed_callback()
+    loss_head = resolve_loss_head(cfg.train.loss_head, backend, cuda)
+    log.info("loss: %s", {"trl": "TRL's fused LM head", "model": "the model's own forward with labels"}[loss_head])
     extra = []
     if cfg.train.uncheckpointed_layers and cfg.train.gradient_checkpointing != "false":
         if backend == "unsloth":
@@ -310,10 +359,13 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
         else:  # measured on an H100: 12 kept layers took the hf backend from 8.5 to 16.7 GiB on 2k tokens
             log.info("train.uncheckpointed_layers=%d is for the unsloth backend; the hf backend keeps ~3x "
                      "more activations per layer, so it checkpoints every layer", cfg.train.uncheckpointed_layers)
-    trainer = _sft_trainer_cls()(
+    trainer = _sft_trainer_cls(loss_head)(
         model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16), train_dataset=train_ds,
         eval_dataset=eval_ds if len(eval_ds) else None, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[speed, *extra, *callbacks])
+        peft_config=peft_config, callbacks=[*extra, *callbacks])
+    trainer.data_collator = counter = TokenCounter(trainer.data_collator)
+    speed = _speed_callback(counter)
+    trainer.add_callback(speed)
     trainer.remove_callback(PrinterCallback)  # the Speed callback logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",

@@ -151,3 +151,55 @@ def test_selective_checkpointing_is_applied_at_train_begin_and_only_by_unsloth(
                               "train.uncheckpointed_layers": 1})
     assert "uncheckpointed_layers=1 is for the unsloth backend" in caplog.text
     assert "selective checkpointing:" not in caplog.text
+
+
+def test_tokens_are_counted_on_the_host_without_the_padding(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ml.train import TokenCounter
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
+    rows = [{"input_ids": list(range(5, 5 + n))} for n in (3, 7, 5)]
+    counter = TokenCounter(collate)
+    batch = counter(rows)
+    assert counter.tokens == 15 and batch["input_ids"].shape == (3, 7)  # 21 positions, 6 of them padding
+    torch.testing.assert_close(batch["input_ids"], collate(rows)["input_ids"])  # the batch itself is untouched
+    counter(rows[:1])
+    assert counter.tokens == 18
+
+
+def test_training_speed_leaves_out_evaluation_and_checkpoint_saving() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from ml.train import TokenCounter, _speed_callback
+
+    counter = TokenCounter(lambda rows: rows)
+    speed = _speed_callback(counter)
+    state = SimpleNamespace(global_step=0)
+    for step in range(1, 9):
+        counter.tokens += 100  # one optimizer step's batches
+        state.global_step = step
+        speed.on_step_end(None, state, None)
+        if step == 4:  # the evaluation collates its own batches and takes a while; then a checkpoint
+            counter.tokens += 5000
+            time.sleep(0.3)
+            speed.on_evaluate(None, state, None)
+            time.sleep(0.2)
+            speed.on_save(None, state, None)
+    tokens = [m[2] for m in speed.marks]
+    assert tokens == [100 * s for s in range(1, 9)]
+    assert speed.paused_s >= 0.5 and speed.paused_tokens == 5000
+    assert max(b[1] - a[1] for a, b in zip(speed.marks, speed.marks[1:], strict=False)) < 0.3
+
+
+def test_the_loss_head_follows_the_backend() -> None:
+    from ml.train import resolve_loss_head
+
+    assert resolve_loss_head("auto", "unsloth", cuda=True) == "model"  # Unsloth's own loss is fused already
+    assert resolve_loss_head("auto", "hf", cuda=True) == "trl"  # the full logits would cost GPU memory
+    assert resolve_loss_head("auto", "hf", cuda=False) == "model"  # TRL's head is a Triton kernel
+    assert resolve_loss_head("trl", "unsloth", cuda=True) == "trl"
