@@ -182,7 +182,7 @@ def main() -> int:
         "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,
         "train_mode_once": args.train_mode_once,
         "backend": result.backend,
-        "loss_head": resolve_loss_head(cfg.train.loss_head, result.backend, torch.cuda.is_available()),
+        "loss_head": resolve_loss_head(cfg.train.loss_head, torch.cuda.is_available()),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,

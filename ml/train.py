@@ -196,27 +196,27 @@ def _sft_trainer_cls(loss_head: str) -> Any:
     class ProjectSFTTrainer(SFTTrainer):  # type: ignore[misc]
         """SFTTrainer whose loss runs where `train.loss_head` says.
 
-        "trl": TRL's fused LM head (a Triton kernel, so CUDA only). Otherwise, and
-        always on the CPU, the model's own forward with labels, as `Trainer` does:
-        the same per-token NLL over the same labels, minus TRL's entropy and
-        token-accuracy logs.
+        "trl": TRL's fused LM head (a Triton kernel, so CUDA only). "model": the
+        model's own forward with labels, as `Trainer` does: the same per-token NLL
+        over the same labels, minus TRL's entropy and token-accuracy logs.
         """
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            if loss_head == "trl" and inputs["input_ids"].is_cuda:
+            if loss_head == "trl":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return ProjectSFTTrainer
 
 
-def resolve_loss_head(requested: str, backend: str, cuda: bool) -> str:
-    """"auto": TRL's fused head for the hf backend on CUDA, where the model's own loss would
-    build the full (tokens x 128k) logits; the model's own elsewhere (Unsloth's is already fused)."""
-    if requested != "auto":
-        return requested
-    return "trl" if backend == "hf" and cuda else "model"
+def resolve_loss_head(requested: str, cuda: bool) -> str:
+    """"auto": TRL's fused head wherever its Triton kernel runs (CUDA), the model's own loss elsewhere."""
+    if requested == "trl" and not cuda:
+        log.warning("train.loss_head=trl needs CUDA (TRL's head is a Triton kernel); using the model's own loss")
+    if requested == "model" or not cuda:
+        return "model"
+    return "trl"
 
 
 def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16: bool) -> Any:
@@ -350,7 +350,7 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
                     n_trunc, n_train, cfg.model.max_seq_length)
 
-    loss_head = resolve_loss_head(cfg.train.loss_head, backend, cuda)
+    loss_head = resolve_loss_head(cfg.train.loss_head, cuda)
     log.info("loss: %s", {"trl": "TRL's fused LM head", "model": "the model's own forward with labels"}[loss_head])
     extra = []
     if cfg.train.uncheckpointed_layers and cfg.train.gradient_checkpointing != "false":

@@ -196,10 +196,10 @@ def test_training_speed_leaves_out_evaluation_and_checkpoint_saving() -> None:
     assert max(b[1] - a[1] for a, b in zip(speed.marks, speed.marks[1:], strict=False)) < 0.3
 
 
-def test_the_loss_head_follows_the_backend() -> None:
+def test_the_loss_head_is_trls_only_where_its_kernel_runs() -> None:
     from ml.train import resolve_loss_head
 
-    assert resolve_loss_head("auto", "unsloth", cuda=True) == "model"  # Unsloth's own loss is fused already
-    assert resolve_loss_head("auto", "hf", cuda=True) == "trl"  # the full logits would cost GPU memory
-    assert resolve_loss_head("auto", "hf", cuda=False) == "model"  # TRL's head is a Triton kernel
-    assert resolve_loss_head("trl", "unsloth", cuda=True) == "trl"
+    assert resolve_loss_head("auto", cuda=True) == "trl"
+    assert resolve_loss_head("auto", cuda=False) == "model"  # TRL's head is a Triton kernel
+    assert resolve_loss_head("model", cuda=True) == "model"
+    assert resolve_loss_head("trl", cuda=False) == "model"
