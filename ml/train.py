@@ -190,6 +190,7 @@ def peak_gpu_gib() -> float | None:
 
 
 def _sft_trainer_cls(loss_head: str) -> Any:
+    import torch
     from transformers import Trainer
     from trl import SFTTrainer  # Unsloth, when imported first, has patched this class
 
@@ -203,9 +204,31 @@ def _sft_trainer_cls(loss_head: str) -> Any:
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            if loss_head == "trl":
+            if loss_head == "model":
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            plain = (self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
+                     and self.label_smoother is None and self.accelerator.num_processes == 1)
+            if return_outputs or not model.training or not plain:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return self._fused_head_loss(model, inputs, num_items_in_batch)
+
+        def _fused_head_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+            # TRL's training loss, with its entropy and token-accuracy metrics left on the
+            # device until a logging step: TRL reads them every micro-batch (four .item()
+            # calls), and each read makes the host wait for the GPU.
+            out = model(**inputs, use_cache=False, fused_lm_head=True)
+            num = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -out.log_probs.sum() / torch.as_tensor(num).clamp(min=1)
+            valid = out.label_mask.sum().clamp(min=1)
+            self._metrics["train"]["entropy"].append(out.entropy.detach().sum() / valid)
+            self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
+            return loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            for values in self._metrics["train"].values():  # one read per logging step
+                if values and isinstance(values[0], torch.Tensor):
+                    values[:] = torch.stack(values).tolist()
+            super().log(logs, start_time)
 
     return ProjectSFTTrainer
 

@@ -65,10 +65,15 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
 
     result = pipeline.train(cfg, paths)  # a child process, as on the CUDA worker
     assert result["backend"] == backend and result["global_step"] == 16
-    losses = [r["loss"] for r in json.loads(Path(result["log_history"]).read_text()) if "loss" in r]
+    history = json.loads(Path(result["log_history"]).read_text())
+    losses = [r["loss"] for r in history if "loss" in r]
     print(backend, "losses", [round(x, 3) for x in losses], "peak GiB", result["peak_gpu_gib"])
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.99 * first, losses
+    # TRL's fused head (train.loss_head auto on CUDA) logs token accuracy, read from the device at logging steps
+    accuracy = [r["mean_token_accuracy"] for r in history if "mean_token_accuracy" in r and "loss" in r]
+    assert len(accuracy) == 16 and all(0.0 <= a <= 1.0 for a in accuracy), accuracy
+    assert accuracy[-1] > accuracy[0], accuracy
     assert result["peak_gpu_gib"] < 16
 
     out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.root / "config.json"), str(paths.root)],
