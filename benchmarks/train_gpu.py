@@ -136,6 +136,54 @@ def train_mode_once_callback() -> object:
     return TrainModeOnce()
 
 
+def gc_timer_callback() -> object:
+    """Seconds the garbage collector ran between train begin and end, by generation (a
+    gen-2 pass walks every object the imports and the model created)."""
+    import gc
+    import time
+
+    from transformers import TrainerCallback
+
+    class GCTimer(TrainerCallback):  # type: ignore[misc]
+        seconds = [0.0, 0.0, 0.0]
+        count = [0, 0, 0]
+        on = False
+        start = 0.0
+
+        def __call__(self, phase: str, info: dict[str, int]) -> None:
+            if not self.on:
+                return
+            if phase == "start":
+                self.start = time.perf_counter()
+            else:
+                self.seconds[info["generation"]] += time.perf_counter() - self.start
+                self.count[info["generation"]] += 1
+
+        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            self.on = True
+            gc.callbacks.append(self)
+
+        def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            self.on = False
+
+    return GCTimer()
+
+
+def gc_freeze_callback() -> object:
+    """Experiment: move every object alive at train begin (imports, model) out of the collector's reach."""
+    from transformers import TrainerCallback
+
+    class Freeze(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            print(f"gc.freeze: {gc.get_freeze_count()} objects frozen", flush=True)
+
+    return Freeze()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(VARIANTS))
@@ -148,6 +196,8 @@ def main() -> int:
     parser.add_argument("--profile", metavar="A:B", help="profile optimizer steps A..B")
     parser.add_argument("--train-mode-once", action="store_true",
                         help="experiment: skip the Trainer's per-micro-batch model.train() when already training")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="experiment: gc.freeze() at train begin")
     parser.add_argument("--lengths", choices=["pubmedqa", "full"], default="pubmedqa",
                         help="row lengths: PubMedQA-Ko-like, or all over 512 tokens (no padding at all)")
     args = parser.parse_args()
@@ -173,6 +223,10 @@ def main() -> int:
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
     if args.train_mode_once:
         callbacks.append(train_mode_once_callback())
+    if args.gc_freeze:
+        callbacks.append(gc_freeze_callback())
+    gc_timer = gc_timer_callback()
+    callbacks.append(gc_timer)
     result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
@@ -180,7 +234,9 @@ def main() -> int:
 
     res = {
         "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,
-        "train_mode_once": args.train_mode_once,
+        "train_mode_once": args.train_mode_once, "gc_freeze": args.gc_freeze,
+        "gc_s_by_generation": [round(x, 2) for x in gc_timer.seconds],  # type: ignore[attr-defined]
+        "gc_collections": gc_timer.count,  # type: ignore[attr-defined]
         "backend": result.backend,
         "loss_head": resolve_loss_head(cfg.train.loss_head, torch.cuda.is_available()),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

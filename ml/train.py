@@ -224,6 +224,13 @@ def _sft_trainer_cls(loss_head: str) -> Any:
             self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
             return loss
 
+        def floating_point_ops(self, inputs: Any) -> int:
+            # Trainer recounts the parameters (a walk over every module) on each micro-batch
+            # for its FLOPs log; the count does not change during training.
+            if not hasattr(self, "_flops_params"):
+                self._flops_params = super().floating_point_ops({"input_ids": torch.empty(1)})
+            return int(self._flops_params * inputs["input_ids"].numel())
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             for values in self._metrics["train"].values():  # one read per logging step
                 if values and isinstance(values[0], torch.Tensor):
