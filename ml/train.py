@@ -249,7 +249,8 @@ def resolve_loss_head(requested: str, cuda: bool) -> str:
     return "trl"
 
 
-def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16: bool) -> Any:
+def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16: bool,
+              evaluate: bool = True) -> Any:
     from trl import SFTConfig
 
     t = cfg.train
@@ -274,7 +275,7 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        eval_strategy="steps",
+        eval_strategy="steps" if evaluate else "no",  # no validation rows (data.val_fraction 0): no eval
         eval_steps=cfg.eval.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -390,7 +391,7 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
             log.info("train.uncheckpointed_layers=%d is for the unsloth backend; the hf backend keeps ~3x "
                      "more activations per layer, so it checkpoints every layer", cfg.train.uncheckpointed_layers)
     trainer = _sft_trainer_cls(loss_head)(
-        model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16), train_dataset=train_ds,
+        model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16, len(eval_ds) > 0), train_dataset=train_ds,
         eval_dataset=eval_ds if len(eval_ds) else None, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[*extra, *callbacks])
     trainer.data_collator = counter = TokenCounter(trainer.data_collator)

@@ -203,3 +203,28 @@ def test_the_loss_head_is_trls_only_where_its_kernel_runs() -> None:
     assert resolve_loss_head("auto", cuda=False) == "model"  # TRL's head is a Triton kernel
     assert resolve_loss_head("model", cuda=True) == "model"
     assert resolve_loss_head("trl", cuda=False) == "model"
+
+
+def test_fused_head_metrics_kept_on_the_device_are_logged_as_numbers(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+    from datasets import Dataset
+
+    from ml.train import _load_hf, _sft_args, _sft_trainer_cls
+
+    cfg = load_config("e2e", {"model.base_model": str(tiny_model), "output_dir": str(tmp_path)})
+    model, tokenizer, peft_config = _load_hf(cfg)
+    rows = Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
+    trainer = _sft_trainer_cls("trl")(model=model, args=_sft_args(cfg, "hf", tmp_path, False, False, evaluate=False),
+                                      train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
+    trainer.model.train()
+    trainer._metrics["train"]["mean_token_accuracy"] += [torch.tensor(0.25), torch.tensor(0.75)]
+    trainer.log({"loss": 1.5})
+    logged = trainer.state.log_history[-1]
+    assert logged["mean_token_accuracy"] == 0.5 and isinstance(logged["mean_token_accuracy"], float)
+    json.dumps(trainer.state.log_history)  # what log_history.json and MLflow receive
+
+
+def test_training_without_validation_rows_skips_the_periodic_evaluation(tiny_model: Path, tmp_path: Path) -> None:
+    _, paths, result = _trained(tmp_path, **{"data.val_fraction": 0.0, "train.max_steps": 2, "train.isolate": False})
+    assert read_split(paths.splits, "validation") == []
+    assert result.global_step == 2 and result.eval_loss is None
