@@ -15,7 +15,8 @@ Prints one 'RESULT {json}' line and writes $OUT/train_<variant>.json with
 non-padding tokens/s and median step time after 2 warm-up steps, peak GPU
 memory, model FLOPs utilisation (6 x 8.03e9 FLOPs per token) and the loss curve.
 `--profile A:B` runs torch.profiler over optimizer steps A..B and adds how busy
-the GPU was (kernel time / wall time) and the top kernels and CPU ops.
+the GPU was (kernel time / wall time) and the top kernels and CPU ops;
+`--sync-debug A:B` counts the host<-GPU synchronisations per step by source line.
 """
 
 from __future__ import annotations
@@ -169,6 +170,43 @@ def gc_timer_callback() -> object:
     return GCTimer()
 
 
+def sync_debug_callback(first: int, last: int, report: dict[str, object]) -> object:
+    """Lists where the loop makes the host wait for the GPU during optimizer steps first..last:
+    torch's sync debug mode warns at every synchronizing CUDA call; the warnings are counted
+    by the Python line that made them."""
+    import collections
+    import warnings
+
+    import torch
+    from transformers import TrainerCallback
+
+    class SyncDebug(TrainerCallback):  # type: ignore[misc]
+        counts: collections.Counter[str] = collections.Counter()
+        caught: object = None
+
+        def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step + 1 == first:
+                self.caught = warnings.catch_warnings(record=True)
+                self.records = self.caught.__enter__()  # type: ignore[attr-defined]
+                warnings.simplefilter("always")
+                if torch.cuda.is_available():  # no device, nothing to wait for
+                    torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step == last and self.caught is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.set_sync_debug_mode(0)
+                self.caught.__exit__(None, None, None)  # type: ignore[attr-defined]
+                for w in self.records:
+                    if "synchronizing" in str(w.message):
+                        self.counts[f"{w.filename}:{w.lineno}"] += 1
+                steps = last - first + 1
+                report["syncs_per_step"] = round(sum(self.counts.values()) / steps, 1)
+                report["sync_sites"] = {k: round(v / steps, 2) for k, v in self.counts.most_common(20)}
+
+    return SyncDebug()
+
+
 def gc_freeze_callback() -> object:
     """Experiment: move every object alive at train begin (imports, model) out of the collector's reach."""
     from transformers import TrainerCallback
@@ -196,6 +234,8 @@ def main() -> int:
     parser.add_argument("--profile", metavar="A:B", help="profile optimizer steps A..B")
     parser.add_argument("--train-mode-once", action="store_true",
                         help="experiment: skip the Trainer's per-micro-batch model.train() when already training")
+    parser.add_argument("--sync-debug", metavar="A:B",
+                        help="count host<-GPU synchronisations by source line over optimizer steps A..B")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="experiment: gc.freeze() at train begin")
     parser.add_argument("--lengths", choices=["pubmedqa", "full"], default="pubmedqa",
@@ -225,6 +265,8 @@ def main() -> int:
         callbacks.append(train_mode_once_callback())
     if args.gc_freeze:
         callbacks.append(gc_freeze_callback())
+    if args.sync_debug:
+        callbacks.append(sync_debug_callback(*map(int, args.sync_debug.split(":")), report))
     gc_timer = gc_timer_callback()
     callbacks.append(gc_timer)
     result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
