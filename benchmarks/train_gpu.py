@@ -146,14 +146,12 @@ def gc_timer_callback() -> object:
     from transformers import TrainerCallback
 
     class GCTimer(TrainerCallback):  # type: ignore[misc]
-        seconds = [0.0, 0.0, 0.0]
-        count = [0, 0, 0]
-        on = False
-        start = 0.0
+        def __init__(self) -> None:
+            self.seconds = [0.0, 0.0, 0.0]
+            self.count = [0, 0, 0]
+            self.start = 0.0
 
         def __call__(self, phase: str, info: dict[str, int]) -> None:
-            if not self.on:
-                return
             if phase == "start":
                 self.start = time.perf_counter()
             else:
@@ -161,11 +159,10 @@ def gc_timer_callback() -> object:
                 self.count[info["generation"]] += 1
 
         def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-            self.on = True
             gc.callbacks.append(self)
 
         def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-            self.on = False
+            gc.callbacks.remove(self)
 
     return GCTimer()
 
@@ -181,8 +178,9 @@ def sync_debug_callback(first: int, last: int, report: dict[str, object]) -> obj
     from transformers import TrainerCallback
 
     class SyncDebug(TrainerCallback):  # type: ignore[misc]
-        counts: collections.Counter[str] = collections.Counter()
-        caught: object = None
+        def __init__(self) -> None:
+            self.counts: collections.Counter[str] = collections.Counter()
+            self.caught: object = None
 
         def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             if state.global_step + 1 == first:

@@ -217,9 +217,10 @@ def _sft_trainer_cls(loss_head: str) -> Any:
             # device until a logging step: TRL reads them every micro-batch (four .item()
             # calls), and each read makes the host wait for the GPU.
             out = model(**inputs, use_cache=False, fused_lm_head=True)
-            num = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            labelled = out.label_mask.sum()
+            num = labelled if num_items_in_batch is None else num_items_in_batch
             loss = -out.log_probs.sum() / torch.as_tensor(num).clamp(min=1)
-            valid = out.label_mask.sum().clamp(min=1)
+            valid = labelled.clamp(min=1)
             self._metrics["train"]["entropy"].append(out.entropy.detach().sum() / valid)
             self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
             return loss
@@ -376,7 +377,7 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
         return Dataset.from_list(rows), len(enc), sum(e.truncated for e in enc)
 
     train_ds, n_train, n_trunc = tokenized("train")
-    eval_ds, _, _ = tokenized("validation")
+    eval_ds, n_eval, _ = tokenized("validation")
     if n_trunc:
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
                     n_trunc, n_train, cfg.model.max_seq_length)
@@ -391,8 +392,8 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
             log.info("train.uncheckpointed_layers=%d is for the unsloth backend; the hf backend keeps ~3x "
                      "more activations per layer, so it checkpoints every layer", cfg.train.uncheckpointed_layers)
     trainer = _sft_trainer_cls(loss_head)(
-        model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16, len(eval_ds) > 0), train_dataset=train_ds,
-        eval_dataset=eval_ds if len(eval_ds) else None, processing_class=tokenizer,
+        model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16, n_eval > 0), train_dataset=train_ds,
+        eval_dataset=eval_ds if n_eval else None, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[*extra, *callbacks])
     trainer.data_collator = counter = TokenCounter(trainer.data_collator)
     speed = _speed_callback(counter)
@@ -407,7 +408,7 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     eval_loss = None
-    if len(eval_ds):  # the last periodic eval counts only if it ran on the final weights
+    if n_eval:  # the last periodic eval counts only if it ran on the final weights
         last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
         eval_loss = float(last["eval_loss"]) if last else float(trainer.evaluate()["eval_loss"])
 
