@@ -295,6 +295,10 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         # (TokenCounter), and a NaN/inf loss is logged as it is rather than replaced.
         include_num_input_tokens_seen="no",
         logging_nan_inf_filter=False,
+        # A plain copy of a batch to the GPU waits for all queued GPU work first; from pinned
+        # memory it can run non-blocking, so the host goes on queueing the next micro-batch.
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
