@@ -18,7 +18,9 @@ Here every phase shares the process, the Unsloth model and the host. Phases:
       reference's work; +pubmedqa: PubMedQA-Ko-like rows); options name config overrides
       (`--set`-style, KEY=VALUE) or: syncs (count synchronisations), blocking (inputs copied
       to the GPU with a synchronising copy), noamp (no autocast: Unsloth's own switch,
-      UNSLOTH_MIXED_PRECISION=bfloat16, makes its trainer leave accelerate's bf16 autocast off)
+      UNSLOTH_MIXED_PRECISION=bfloat16, makes its trainer leave accelerate's bf16 autocast off),
+      trlmask (the loss through TRL's own fused forward, which picks the labelled positions
+      with boolean masks, as the project did before)
 
 Prints one RESULT line per phase and writes $OUT/loop_ab.jsonl. The first phase pays the
 one-off kernel builds; run a throw-away phase first when that matters.
@@ -122,6 +124,20 @@ def ref_phase(model: Any, opts: set[str], warm: int = 3, steps: int = 20) -> dic
             "step_s_spread": [round(min(times), 4), round(max(times), 4)], **report}
 
 
+def boolean_mask_head(self: Any, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+    """The project's training loss before: TRL's own fused forward, metrics kept on the device."""
+    import torch
+
+    out = model(**inputs, use_cache=False, fused_lm_head=True)
+    labelled = out.label_mask.sum()
+    num = labelled if num_items_in_batch is None else num_items_in_batch
+    loss = -out.log_probs.sum() / torch.as_tensor(num).clamp(min=1)
+    valid = labelled.clamp(min=1)
+    self._metrics["train"]["entropy"].append(out.entropy.detach().sum() / valid)
+    self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
+    return loss
+
+
 def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps: int,
                model_path: str, backend: str) -> dict[str, Any]:
     import ml.train as mt
@@ -138,7 +154,7 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
                              # would cast the model to bf16 (Unsloth sets bf16_full_eval)
                              "eval.eval_steps": max_steps, "output_dir": str(work), **overrides})
     loader = "_load_unsloth" if backend == "unsloth" else "_load_hf"
-    original_load, original_args = getattr(mt, loader), mt._sft_args
+    original_load, original_args, original_cls = getattr(mt, loader), mt._sft_args, mt._sft_trainer_cls
 
     def sft_args(*args: Any, **kwargs: Any) -> Any:
         out = original_args(*args, **kwargs)
@@ -146,8 +162,13 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
             out.accelerator_config.non_blocking = False
         return out
 
+    def trainer_cls(loss_head: str) -> Any:
+        cls = original_cls(loss_head)
+        return type("BooleanMaskHead", (cls,), {"_fused_head_loss": boolean_mask_head}) if "trlmask" in opts else cls
+
     setattr(mt, loader, lambda cfg: loaded)
     mt._sft_args = sft_args  # type: ignore[assignment]
+    mt._sft_trainer_cls = trainer_cls  # type: ignore[assignment]
     precision = os.environ.get("UNSLOTH_MIXED_PRECISION")
     if "noamp" in opts:
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
@@ -156,7 +177,7 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
         result = mt.train(cfg, splits, out, callbacks=callbacks)
     finally:
         setattr(mt, loader, original_load)
-        mt._sft_args = original_args
+        mt._sft_args, mt._sft_trainer_cls = original_args, original_cls
         if precision is not None:
             os.environ["UNSLOTH_MIXED_PRECISION"] = precision
     history = json.loads(Path(result.log_history).read_text())

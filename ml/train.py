@@ -189,6 +189,18 @@ def peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def _causal_lm(model: Any) -> Any:
+    """The causal LM inside a peft wrapper (with its LoRA layers), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_logits(causal_lm: Any) -> bool:
+    """Log-probs straight from the LM head: no logit scaling or softcapping (Llama, Qwen, EXAONE)."""
+    text = causal_lm.config.get_text_config()
+    return all(getattr(text, key, None) is None for key in (
+        "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+
+
 def _sft_trainer_cls(loss_head: str) -> Any:
     import torch
     from transformers import Trainer
@@ -207,22 +219,39 @@ def _sft_trainer_cls(loss_head: str) -> Any:
             if loss_head == "model":
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             plain = (self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
-                     and self.label_smoother is None and self.accelerator.num_processes == 1)
+                     and self.label_smoother is None and self.accelerator.num_processes == 1
+                     and _plain_logits(_causal_lm(self.accelerator.unwrap_model(model))))
             if return_outputs or not model.training or not plain:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return self._fused_head_loss(model, inputs, num_items_in_batch)
 
         def _fused_head_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
-            # TRL's training loss, with its entropy and token-accuracy metrics left on the
-            # device until a logging step: TRL reads them every micro-batch (four .item()
-            # calls), and each read makes the host wait for the GPU.
-            out = model(**inputs, use_cache=False, fused_lm_head=True)
-            labelled = out.label_mask.sum()
+            # TRL's fused LM head kernel, run over every position with the unlabelled ones
+            # weighted 0. TRL's own forward first picks the labelled positions with boolean
+            # masks, and each such pick (two forward, two in the backward) makes the host wait
+            # for the GPU, in a loop the host paces at the seed's shape; the extra positions
+            # cost GPU time the loop leaves idle. Its entropy and token-accuracy metrics stay
+            # on the device until a logging step (TRL reads them every micro-batch).
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+            causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            head = causal_lm.get_output_embeddings()
+            labels = inputs["labels"][:, 1:].reshape(-1)
+            with self.accelerator.autocast():  # as the model's own forward runs under mixed precision
+                hidden = getattr(causal_lm, causal_lm.base_model_prefix)(**features, use_cache=False)
+                log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+                    hidden.last_hidden_state[:, :-1].reshape(labels.numel(), -1), head.weight, head.bias,
+                    labels.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                    ("log_probs", "entropy", "is_top1"))
+            weight = (labels != -100).to(log_probs.dtype)
+            labelled = weight.sum()
             num = labelled if num_items_in_batch is None else num_items_in_batch
-            loss = -out.log_probs.sum() / torch.as_tensor(num).clamp(min=1)
+            loss = -(log_probs * weight).sum() / torch.as_tensor(num).clamp(min=1)
             valid = labelled.clamp(min=1)
-            self._metrics["train"]["entropy"].append(out.entropy.detach().sum() / valid)
-            self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
+            self._metrics["train"]["entropy"].append((entropy.detach() * weight).sum() / valid)
+            self._metrics["train"]["mean_token_accuracy"].append((is_top1 * weight).sum() / valid)
             return loss
 
         def floating_point_ops(self, inputs: Any) -> int:

@@ -228,3 +228,50 @@ def test_training_without_validation_rows_skips_the_periodic_evaluation(tiny_mod
     _, paths, result = _trained(tmp_path, **{"data.val_fraction": 0.0, "train.max_steps": 2, "train.isolate": False})
     assert read_split(paths.splits, "validation") == []
     assert result.global_step == 2 and result.eval_loss is None
+
+
+def test_the_cuda_loss_head_over_every_position_equals_the_models_own_loss(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the training loss runs TRL's LM-head kernel over every position, the unlabelled
+    ones weighted 0 (no boolean-mask pick, which waits for the GPU). Here the kernel, a Triton
+    program, is replaced by the same maths in torch; the rest is the real trainer and model."""
+    import sys
+    import types
+
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from ml.train import _load_hf, _sft_args, _sft_trainer_cls
+
+    def kernel(hidden: Any, weight: Any, bias: Any, targets: Any, *_: Any) -> tuple[Any, ...]:
+        logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, targets[:, None])[:, 0], entropy, None, None, logp.argmax(-1) == targets
+
+    monkeypatch.setitem(sys.modules, "trl.kernels", types.SimpleNamespace(
+        ChunkedLogProbFunction=types.SimpleNamespace(apply=kernel)))
+    cfg = load_config("e2e", {"model.base_model": str(tiny_model), "output_dir": str(tmp_path)})
+    model, tokenizer, peft_config = _load_hf(cfg)
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * (n - k) + list(range(5 + n - k, 5 + n))}
+            for n, k in ((9, 4), (5, 2), (12, 7))]  # prompt tokens unlabelled, right padding to 12
+    trainer = _sft_trainer_cls("trl")(model=model, args=_sft_args(cfg, "hf", tmp_path, False, False, evaluate=False),
+                                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                      peft_config=peft_config)
+    trainer.model.train()
+    batch = trainer.data_collator(rows)
+    lora = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    def loss_and_grad(compute: Any, items: Any) -> tuple[float, Any]:
+        lora.grad = None
+        loss = compute(trainer.model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        return float(loss.detach()), lora.grad.clone()
+
+    for items in (None, torch.tensor(20)):
+        ours, ours_grad = loss_and_grad(trainer._fused_head_loss, items)
+        own, own_grad = loss_and_grad(lambda *a, **k: Trainer.compute_loss(trainer, *a, **k), items)
+        assert ours == pytest.approx(own, rel=1e-5)
+        torch.testing.assert_close(ours_grad, own_grad, rtol=1e-4, atol=1e-7)
+    accuracy = trainer._metrics["train"]["mean_token_accuracy"][-1]
+    assert 0.0 <= float(accuracy) <= 1.0 and len(trainer._metrics["train"]["entropy"]) == 2
