@@ -124,7 +124,7 @@ def ref_phase(model: Any, opts: set[str], warm: int = 3, steps: int = 20) -> dic
             "step_s_spread": [round(min(times), 4), round(max(times), 4)], **report}
 
 
-def boolean_mask_head(self: Any, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+def boolean_mask_head(self: Any, model: Any, inputs: Any, positions: Any, num_items_in_batch: Any) -> Any:
     """The project's training loss before: TRL's own fused forward, metrics kept on the device."""
     import torch
 

@@ -32,6 +32,7 @@ from ml.prompt import PromptFormat, encode_all
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS_UNTIMED = 2  # first steps compile kernels and warm allocators; not counted in speed
+LABEL_POSITIONS = "label_positions"  # batch key of HostCollator's loss positions
 
 
 @dataclass(frozen=True)
@@ -69,25 +70,31 @@ def pick_backend(requested: str) -> str:
     return "unsloth"
 
 
-class TokenCounter:
-    """Wraps the data collator: counts each batch's non-padding tokens on the host as it is built.
+class HostCollator:
+    """Wraps the data collator: what the loop needs to know of a batch, read on the host as it is built.
 
-    Throughput then costs no device->host sync; the Trainer's own count
-    (`include_num_input_tokens_seen`) waits for the GPU once per micro-batch.
+    The non-padding tokens (throughput) and, with `label_positions`, where the loss is taken:
+    the flat index (row x length + column) of each position whose next token is labelled.
+    Read from the GPU instead, each costs a wait for all queued GPU work, once per micro-batch.
     """
 
-    def __init__(self, collate: Any) -> None:
+    def __init__(self, collate: Any, label_positions: bool = False) -> None:
         self.collate = collate
+        self.label_positions = label_positions
         self.tokens = 0
 
     def __call__(self, features: Any) -> Any:
         batch = self.collate(features)
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if self.label_positions:
+            labels = batch["labels"]
+            rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+            batch[LABEL_POSITIONS] = rows * labels.shape[1] + cols
         return batch
 
 
-def _speed_callback(counter: TokenCounter) -> Any:
+def _speed_callback(counter: HostCollator) -> Any:
     from transformers import TrainerCallback
 
     class Speed(TrainerCallback):  # type: ignore[misc]
@@ -216,42 +223,41 @@ def _sft_trainer_cls(loss_head: str) -> Any:
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            positions = inputs.pop(LABEL_POSITIONS, None)
             if loss_head == "model":
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             plain = (self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
                      and self.label_smoother is None and self.accelerator.num_processes == 1
+                     and positions is not None and "shift_labels" not in inputs
                      and _plain_logits(_causal_lm(self.accelerator.unwrap_model(model))))
             if return_outputs or not model.training or not plain:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return self._fused_head_loss(model, inputs, num_items_in_batch)
+            return self._fused_head_loss(model, inputs, positions, num_items_in_batch)
 
-        def _fused_head_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
-            # TRL's fused LM head kernel, run over every position with the unlabelled ones
-            # weighted 0. TRL's own forward first picks the labelled positions with boolean
-            # masks, and each such pick (two forward, two in the backward) makes the host wait
-            # for the GPU, in a loop the host paces at the seed's shape; the extra positions
-            # cost GPU time the loop leaves idle. Its entropy and token-accuracy metrics stay
-            # on the device until a logging step (TRL reads them every micro-batch).
+        def _fused_head_loss(self, model: Any, inputs: Any, positions: Any, num_items_in_batch: Any) -> Any:
+            # TRL's fused LM head kernel on the labelled positions, found on the host
+            # (HostCollator). TRL's own forward picks them on the GPU with boolean masks, and
+            # each pick (two forward, two in the backward) makes the host wait for the GPU, in
+            # a loop that the host paces at the seed's shape. Its entropy and token-accuracy
+            # metrics stay on the device until a logging step (TRL reads them every micro-batch).
             from trl.kernels import ChunkedLogProbFunction
             from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
             causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
             features = {k: v for k, v in inputs.items() if k != "labels"}
             head = causal_lm.get_output_embeddings()
-            labels = inputs["labels"][:, 1:].reshape(-1)
             with self.accelerator.autocast():  # as the model's own forward runs under mixed precision
                 hidden = getattr(causal_lm, causal_lm.base_model_prefix)(**features, use_cache=False)
+                hidden = hidden.last_hidden_state
                 log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
-                    hidden.last_hidden_state[:, :-1].reshape(labels.numel(), -1), head.weight, head.bias,
-                    labels.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
-                    ("log_probs", "entropy", "is_top1"))
-            weight = (labels != -100).to(log_probs.dtype)
-            labelled = weight.sum()
-            num = labelled if num_items_in_batch is None else num_items_in_batch
-            loss = -(log_probs * weight).sum() / torch.as_tensor(num).clamp(min=1)
-            valid = labelled.clamp(min=1)
-            self._metrics["train"]["entropy"].append((entropy.detach() * weight).sum() / valid)
-            self._metrics["train"]["mean_token_accuracy"].append((is_top1 * weight).sum() / valid)
+                    hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), head.weight, head.bias,
+                    inputs["labels"].reshape(-1).index_select(0, positions + 1), 1.0,
+                    _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1"))
+            labelled = max(len(positions), 1)
+            num = labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).clamp(min=1)
+            loss = -log_probs.sum() / num
+            self._metrics["train"]["entropy"].append(entropy.detach().sum() / labelled)
+            self._metrics["train"]["mean_token_accuracy"].append(is_top1.sum() / labelled)
             return loss
 
         def floating_point_ops(self, inputs: Any) -> int:
@@ -428,7 +434,7 @@ def _train(cfg: PipelineConfig, backend: str, splits_dir: Path, out_dir: Path,
         model=model, args=_sft_args(cfg, backend, out_dir, cuda, bf16, n_eval > 0), train_dataset=train_ds,
         eval_dataset=eval_ds if n_eval else None, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[*extra, *callbacks])
-    trainer.data_collator = counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter = HostCollator(trainer.data_collator, label_positions=loss_head == "trl")
     speed = _speed_callback(counter)
     trainer.add_callback(speed)
     trainer.remove_callback(PrinterCallback)  # the Speed callback logs the same, readably

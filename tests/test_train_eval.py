@@ -153,31 +153,38 @@ def test_selective_checkpointing_is_applied_at_train_begin_and_only_by_unsloth(
     assert "selective checkpointing:" not in caplog.text
 
 
-def test_tokens_are_counted_on_the_host_without_the_padding(tiny_model: Path) -> None:
+def test_tokens_and_loss_positions_are_read_on_the_host(tiny_model: Path) -> None:
     import torch
     from transformers import AutoTokenizer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from ml.train import TokenCounter
+    from ml.train import LABEL_POSITIONS, HostCollator
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
     rows = [{"input_ids": list(range(5, 5 + n))} for n in (3, 7, 5)]
-    counter = TokenCounter(collate)
+    counter = HostCollator(collate)
     batch = counter(rows)
     assert counter.tokens == 15 and batch["input_ids"].shape == (3, 7)  # 21 positions, 6 of them padding
     torch.testing.assert_close(batch["input_ids"], collate(rows)["input_ids"])  # the batch itself is untouched
+    assert LABEL_POSITIONS not in batch
     counter(rows[:1])
     assert counter.tokens == 18
+
+    labelled = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
+    batch = HostCollator(collate, label_positions=True)(labelled)
+    # row x 4 + column of each position whose next token is labelled (padding is labelled -100)
+    assert batch[LABEL_POSITIONS].tolist() == [1, 2, 4]
+    assert batch["labels"].reshape(-1)[batch[LABEL_POSITIONS] + 1].tolist() == [7, 8, 6]
 
 
 def test_training_speed_leaves_out_evaluation_and_checkpoint_saving() -> None:
     import time
     from types import SimpleNamespace
 
-    from ml.train import TokenCounter, _speed_callback
+    from ml.train import HostCollator, _speed_callback
 
-    counter = TokenCounter(lambda rows: rows)
+    counter = HostCollator(lambda rows: rows)
     speed = _speed_callback(counter)
     state = SimpleNamespace(global_step=0)
     for step in range(1, 9):
@@ -230,11 +237,12 @@ def test_training_without_validation_rows_skips_the_periodic_evaluation(tiny_mod
     assert result.global_step == 2 and result.eval_loss is None
 
 
-def test_the_cuda_loss_head_over_every_position_equals_the_models_own_loss(
+def test_the_cuda_loss_head_on_host_found_positions_equals_the_models_own_loss(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the training loss runs TRL's LM-head kernel over every position, the unlabelled
-    ones weighted 0 (no boolean-mask pick, which waits for the GPU). Here the kernel, a Triton
-    program, is replaced by the same maths in torch; the rest is the real trainer and model."""
+    """On CUDA the training loss runs TRL's LM-head kernel on the labelled positions that the
+    collator found on the host (no boolean-mask pick on the GPU, which waits for it). Here the
+    kernel, a Triton program, is replaced by the same maths in torch; the rest is the real
+    trainer, collator and model."""
     import sys
     import types
 
@@ -242,7 +250,7 @@ def test_the_cuda_loss_head_over_every_position_equals_the_models_own_loss(
     from datasets import Dataset
     from transformers import Trainer
 
-    from ml.train import _load_hf, _sft_args, _sft_trainer_cls
+    from ml.train import LABEL_POSITIONS, HostCollator, _load_hf, _sft_args, _sft_trainer_cls
 
     def kernel(hidden: Any, weight: Any, bias: Any, targets: Any, *_: Any) -> tuple[Any, ...]:
         logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
@@ -259,19 +267,20 @@ def test_the_cuda_loss_head_over_every_position_equals_the_models_own_loss(
                                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                                       peft_config=peft_config)
     trainer.model.train()
-    batch = trainer.data_collator(rows)
+    batch = HostCollator(trainer.data_collator, label_positions=True)(rows)
     lora = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
-    def loss_and_grad(compute: Any, items: Any) -> tuple[float, Any]:
+    def loss_and_grad(compute: Any, inputs: dict[str, Any], items: Any) -> tuple[float, Any]:
         lora.grad = None
-        loss = compute(trainer.model, dict(batch), num_items_in_batch=items)
+        loss = compute(trainer.model, inputs, num_items_in_batch=items)
         loss.backward()
         return float(loss.detach()), lora.grad.clone()
 
     for items in (None, torch.tensor(20)):
-        ours, ours_grad = loss_and_grad(trainer._fused_head_loss, items)
-        own, own_grad = loss_and_grad(lambda *a, **k: Trainer.compute_loss(trainer, *a, **k), items)
+        ours, ours_grad = loss_and_grad(trainer.compute_loss, dict(batch), items)
+        plain = {k: v for k, v in batch.items() if k != LABEL_POSITIONS}
+        own, own_grad = loss_and_grad(lambda *a, **k: Trainer.compute_loss(trainer, *a, **k), plain, items)
         assert ours == pytest.approx(own, rel=1e-5)
         torch.testing.assert_close(ours_grad, own_grad, rtol=1e-4, atol=1e-7)
-    accuracy = trainer._metrics["train"]["mean_token_accuracy"][-1]
-    assert 0.0 <= float(accuracy) <= 1.0 and len(trainer._metrics["train"]["entropy"]) == 2
+    accuracy = trainer._metrics["train"]["mean_token_accuracy"]
+    assert len(accuracy) == 2 and 0.0 <= float(accuracy[-1]) <= 1.0  # the fused path ran, twice
