@@ -14,7 +14,8 @@ Here every phase shares the process, the Unsloth model and the host. Phases:
       +nosync without the per-step synchronize (the host runs ahead, as in the Trainer);
       +syncs counts host<-GPU synchronisations per step by source line
   seed[+OPTION...]
-      `ml.train.train` with the seed profile (3 x 4) on rows of 512 tokens or more (the
+      `ml.train.train` with the seed profile in the seed's memory layout (3 x 4, padded to the
+      longest row, every layer recomputed) on rows of 512 tokens or more (the
       reference's work; +pubmedqa: PubMedQA-Ko-like rows); options name config overrides
       (`--set`-style, KEY=VALUE) or: syncs (count synchronisations), blocking (inputs copied
       to the GPU with a synchronising copy), noamp (no autocast: Unsloth's own switch,
@@ -45,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from train_gpu import SEED, sync_debug_callback, synthetic_rows  # noqa: E402
+from train_gpu import SEED, SEED_LAYOUT, sync_debug_callback, synthetic_rows  # noqa: E402
 
 SEQ, BATCH = 512, 3
 
@@ -148,7 +149,7 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
     overrides = parse_overrides([o for o in opts if "=" in o])
     max_steps = 6 if "syncs" in opts else steps
     splits = work / ("splits_pubmedqa" if "pubmedqa" in opts else "splits_full")
-    cfg = load_config(SEED, {"model.base_model": model_path, "train.backend": backend,
+    cfg = load_config(SEED, {"model.base_model": model_path, "train.backend": backend, **SEED_LAYOUT,
                              "train.max_steps": max_steps, "train.save_steps": 1000,
                              # the one evaluation at the last step, inside training: one after it
                              # would cast the model to bf16 (Unsloth sets bf16_full_eval)
@@ -205,16 +206,24 @@ def write_splits(work: Path) -> None:
 
 
 def forward_attributes(model: Any) -> list[tuple[Any, dict[str, Any]]]:
-    """The instance-level forwards that accelerate (autocast wrapper) and TRL (fused head) install on
-    the model; restored after each phase so that no phase runs inside another's wrappers."""
-    objects = [model, model.base_model, model.get_base_model()]
-    return [(o, {k: o.__dict__[k] for k in ("forward", "_original_forward") if k in o.__dict__}) for o in objects]
+    """The instance-level attributes that a phase may replace: the forwards that accelerate
+    (autocast wrapper) and TRL (fused head) install on the model, and each decoder layer's
+    checkpoint function (`train.uncheckpointed_layers`); restored after each phase so that no
+    phase runs inside another's changes."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [(o, {k: o.__dict__[k] for k in PHASE_ATTRIBUTES if k in o.__dict__})
+            for o in [model, model.base_model, model.get_base_model(), *layers]]
+
+
+PHASE_ATTRIBUTES = ("forward", "_original_forward", "_gradient_checkpointing_func")
 
 
 def restore(saved: list[tuple[Any, dict[str, Any]]]) -> None:
     for obj, attrs in saved:
-        for key in ("forward", "_original_forward"):
-            obj.__dict__.pop(key, None)
+        for key in ("forward", "_original_forward"):  # wrappers a phase added go; a checkpoint
+            obj.__dict__.pop(key, None)              # function a trainer set up stays
         obj.__dict__.update(attrs)
 
 

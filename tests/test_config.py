@@ -25,7 +25,10 @@ def test_shipped_default_keeps_the_seed_optimisation_in_a_faster_shape() -> None
     assert per_step(default.train) == per_step(seed.train) == 12
     assert default.train.group_by_length and default.train.padding_free is False
     assert (default.train.pad_to_multiple_of, default.train.uncheckpointed_layers) == (64, 12)
-    assert (seed.train.pad_to_multiple_of, seed.train.uncheckpointed_layers) == (None, 0)  # the seed exactly
+    # the seed's batches and order, with the two options that change no update (lengths in steps of
+    # 64, no recompute: tested in test_train_eval); the default uses them too
+    assert (seed.train.pad_to_multiple_of, seed.train.uncheckpointed_layers) == (64, 32)
+    assert (seed.train.group_by_length, seed.train.padding_free) == (False, False)
     same = ("warmup_steps", "max_steps", "learning_rate", "lr_scheduler_type", "optim", "seed", "packing",
             "gradient_checkpointing")
     assert {k: getattr(default.train, k) for k in same} == {k: getattr(seed.train, k) for k in same}

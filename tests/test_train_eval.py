@@ -178,6 +178,29 @@ def test_tokens_and_loss_positions_are_read_on_the_host(tiny_model: Path) -> Non
     assert batch["labels"].reshape(-1)[batch[LABEL_POSITIONS] + 1].tolist() == [7, 8, 6]
 
 
+def test_padding_batches_to_multiples_of_64_changes_no_loss(tiny_model: Path) -> None:
+    """The seed profile pads to multiples of 64 (a few batch shapes, not one per batch):
+    right padding is masked and unlabelled, so the loss and its gradients stay the same."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist()} for n in (9, 30, 17)]
+    losses, grads = [], []
+    for multiple in (None, 64):
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=multiple)(rows)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+        assert batch["input_ids"].shape == (3, 30 if multiple is None else 64)
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_training_speed_leaves_out_evaluation_and_checkpoint_saving() -> None:
     import time
     from types import SimpleNamespace
