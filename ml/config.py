@@ -136,7 +136,7 @@ class TrainConfig(_Strict):
     # never builds the full logits, logs entropy and token accuracy). "model": the model's
     # own forward with labels (Unsloth's fused cross-entropy; transformers' full logits).
     # "auto": trl on CUDA (on an H100 at the seed's shape it also beat Unsloth's own loss
-    # by 13-25 % in tokens/s, docs/benchmarks.md), model on the CPU. The same loss either way.
+    # by 10-25 % in tokens/s, docs/benchmarks.md), model on the CPU. The same loss either way.
     loss_head: Literal["auto", "model", "trl"] = "auto"
     # Throughput options that keep the optimisation the same (examples per optimizer
     # step, schedule): no pad tokens in a batch (None: the backend's default; Unsloth
