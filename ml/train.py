@@ -16,6 +16,7 @@ rerun of the same run (an Airflow retry) resumes from the last one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -226,13 +227,18 @@ def _sft_trainer_cls(loss_head: str) -> Any:
             positions = inputs.pop(LABEL_POSITIONS, None)
             if loss_head == "model":
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            plain = (self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
-                     and self.label_smoother is None and self.accelerator.num_processes == 1
-                     and positions is not None and "shift_labels" not in inputs
-                     and _plain_logits(_causal_lm(self.accelerator.unwrap_model(model))))
-            if return_outputs or not model.training or not plain:
+            if (return_outputs or not model.training or positions is None or "shift_labels" in inputs
+                    or not self._plain_nll_setup):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return self._fused_head_loss(model, inputs, positions, num_items_in_batch)
+
+        @functools.cached_property
+        def _plain_nll_setup(self) -> bool:
+            # Fixed for a trainer, so read once rather than on every micro-batch: a plain
+            # next-token NLL in one process on a model whose log-probs come straight from its head.
+            return bool(self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
+                        and self.label_smoother is None and self.accelerator.num_processes == 1
+                        and _plain_logits(_causal_lm(self.accelerator.unwrap_model(self.model))))
 
         def _fused_head_loss(self, model: Any, inputs: Any, positions: Any, num_items_in_batch: Any) -> Any:
             # TRL's fused LM head kernel on the labelled positions, found on the host
@@ -327,7 +333,7 @@ def _sft_args(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, bf16
         packing=t.packing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         # Both cost a device->host sync per micro-batch: tokens are counted on the host
-        # (TokenCounter), and a NaN/inf loss is logged as it is rather than replaced.
+        # (HostCollator), and a NaN/inf loss is logged as it is rather than replaced.
         include_num_input_tokens_seen="no",
         logging_nan_inf_filter=False,
         # A plain copy of a batch to the GPU waits for all queued GPU work first; from pinned
