@@ -1,7 +1,9 @@
 """The reference loop and the project's train step, phase by phase, on ONE loaded model in one process.
 
     python3 benchmarks/loop_ab.py [--model /tmp/l8b] PHASE [PHASE ...]
-    python3 benchmarks/loop_ab.py --backend hf --model state/tiny-model ref seed+noamp   (CPU rehearsal)
+    python3 benchmarks/loop_ab.py --backend hf --model state/models/tiny-llama-ko --steps 4 \
+        ref seed+model.max_seq_length=8192   (CPU rehearsal: `python -m ml tiny-model --profile demo`
+        builds the tiny model; its data-trained tokenizer cuts this text into ~10x more tokens)
 
 At the seed's shape (3 x 512) a step is CPU-bound, and the host's speed moves by up to
 50 % between device calls (docs/benchmarks.md), more than the differences worth finding.
@@ -205,25 +207,24 @@ def write_splits(work: Path) -> None:
         write_jsonl(rows[-12:], work / name / "test.jsonl")
 
 
+WRAPPERS = ("forward", "_original_forward")  # the forwards accelerate (autocast) and TRL (fused head) install
+CHECKPOINT_FUNCTION = "_gradient_checkpointing_func"  # per decoder layer; train.uncheckpointed_layers replaces it
+
+
 def forward_attributes(model: Any) -> list[tuple[Any, dict[str, Any]]]:
-    """The instance-level attributes that a phase may replace: the forwards that accelerate
-    (autocast wrapper) and TRL (fused head) install on the model, and each decoder layer's
-    checkpoint function (`train.uncheckpointed_layers`); restored after each phase so that no
-    phase runs inside another's changes."""
+    """The instance-level attributes that a phase may replace on the model and its decoder layers,
+    saved before the first phase and restored after each, so that no phase runs inside another's changes."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    return [(o, {k: o.__dict__[k] for k in PHASE_ATTRIBUTES if k in o.__dict__})
+    return [(o, {k: o.__dict__[k] for k in (*WRAPPERS, CHECKPOINT_FUNCTION) if k in o.__dict__})
             for o in [model, model.base_model, model.get_base_model(), *layers]]
-
-
-PHASE_ATTRIBUTES = ("forward", "_original_forward", "_gradient_checkpointing_func")
 
 
 def restore(saved: list[tuple[Any, dict[str, Any]]]) -> None:
     for obj, attrs in saved:
-        for key in ("forward", "_original_forward"):  # wrappers a phase added go; a checkpoint
-            obj.__dict__.pop(key, None)              # function a trainer set up stays
+        for key in WRAPPERS:  # wrappers a phase added go; a checkpoint function a trainer set up stays
+            obj.__dict__.pop(key, None)
         obj.__dict__.update(attrs)
 
 
