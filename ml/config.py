@@ -1,19 +1,25 @@
 """One typed configuration for every step: a YAML profile plus overrides.
 
-A profile is a YAML file in ``ml/profiles/`` (or any path); ``extends:`` names a
-parent profile. Overrides come from the CLI (``--set train.learning_rate=1e-4``)
-or from Airflow Params (flat names, see ``PARAM_PATHS``); both go through the
-same validation, so a typo fails loudly instead of being ignored.
+The defaults below are the shipped default profile (`pubmedqa-ko-llama31-8b`, the seed
+project's settings); a profile in ``ml/profiles/`` (or any path) states only what differs,
+and ``extends:`` names its parent. Each field's description is its one piece of
+documentation: it feeds the Airflow trigger form (`param_schemas`) and the reference in
+docs/configuration.md (`reference_markdown`). Overrides come from the CLI
+(``--set train.learning_rate=1e-4``) or from Airflow Params (flat names, `PARAM_PATHS`);
+both go through the same validation, so a typo fails loudly instead of being ignored.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ml.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = "pubmedqa-ko-llama31-8b"
@@ -24,31 +30,27 @@ CANONICAL_COLUMNS = ("QUESTION", "CONTEXTS", "LONG_ANSWER")
 DEFAULT_INSTRUCTION = "다음 의학 연구 질문에 주어진 연구 내용을 근거로 답하시오."
 
 
-class ConfigError(ValueError):
-    """A profile or override that cannot be used; the message names the field."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Strict):
-    # A Hugging Face hub id, or a local .jsonl/.json/.parquet/.csv file or a
-    # `save_to_disk` folder. Relative paths resolve against the project root.
-    source: str = "ChuGyouk/PubMedQA-test-Ko"
-    split: str = "train"
-    revision: str | None = None
-    # canonical column -> column name in the source, for sources that differ.
-    columns: dict[str, str] = Field(default_factory=dict)
-    # Column holding a stable row key (e.g. PMID). Without it, the key is a hash
-    # of the normalised question, so splits survive re-ordering and appends.
-    id_column: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    instruction: str = DEFAULT_INSTRUCTION
-    # Labels of the two parts of the Alpaca "input" (the data's language).
-    question_label: str = "질문"
-    contexts_label: str = "연구 내용"
+    source: str = Field("ChuGyouk/PubMedQA-test-Ko", description=(
+        "Hugging Face dataset id, or a local .jsonl/.json/.parquet/.csv file or `save_to_disk` folder "
+        "(relative paths resolve against the project root)."))
+    split: str = Field("train", description="Split to load from a hub dataset or a `save_to_disk` DatasetDict.")
+    revision: str | None = Field(None, description="Hub revision (tag, branch or commit) of the dataset.")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Canonical column (QUESTION, CONTEXTS, LONG_ANSWER) -> its name in the source, for sources that differ."))
+    id_column: str | None = Field(None, description=(
+        "Column holding a stable row key (e.g. PMID). Without it the key is a hash of the normalised "
+        "question, so splits survive re-ordering and appends."))
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in the validation split (by key hash).")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of rows in the test split (by key hash).")
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="The Alpaca instruction of every prompt.")
+    question_label: str = Field("질문", description=(
+        "Label of the question in the prompt's input (the data's language)."))
+    contexts_label: str = Field("연구 내용", description="Label of the contexts in the prompt's input.")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -64,21 +66,23 @@ class DataConfig(_Strict):
 class ValidationConfig(_Strict):
     """Thresholds of the data-quality gate (ml/validate.py); every check is a GX expectation."""
 
-    min_rows: int = Field(100, ge=1)
-    max_rows: int = Field(1_000_000, ge=1)
-    # Characters per field (CONTEXTS: all contexts of a row joined).
-    question_chars: tuple[int, int] = (10, 1_000)
-    context_chars: tuple[int, int] = (20, 20_000)
-    answer_chars: tuple[int, int] = (10, 5_000)
-    # Script of the text: share of its letters that are Hangul (or Latin) per row,
-    # required of `script_mostly` of the rows. None disables the check.
-    script: Literal["hangul", "latin"] | None = "hangul"
-    min_script_share: float = Field(0.5, ge=0.0, le=1.0)
-    script_mostly: float = Field(0.95, gt=0.0, le=1.0)
-    # Fail when more than this share of rows exceed model.max_seq_length tokens.
-    max_truncated_share: float = Field(0.1, ge=0.0, le=1.0)
-    check_fit: bool = True
-    check_pii: bool = True
+    min_rows: int = Field(100, ge=1, description="Fewest rows the gate accepts.")
+    max_rows: int = Field(1_000_000, ge=1, description="Most rows the gate accepts.")
+    question_chars: tuple[int, int] = Field((10, 1_000), description="[min, max] characters of a question.")
+    context_chars: tuple[int, int] = Field((20, 20_000), description=(
+        "[min, max] characters of a row's contexts, joined."))
+    answer_chars: tuple[int, int] = Field((10, 5_000), description="[min, max] characters of an answer.")
+    script: Literal["hangul", "latin"] | None = Field("hangul", description=(
+        "Script the text is written in; per row, the share of its letters in that script must reach "
+        "`min_share`. Catches mojibake. null: no check."))
+    min_script_share: float = Field(0.5, ge=0.0, le=1.0, description="Per-row share of letters in `script`.")
+    script_mostly: float = Field(0.95, gt=0.0, le=1.0, description="Share of rows that must pass the script check.")
+    max_truncated_share: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "Fail when more than this share of rows exceed model.max_seq_length tokens (their answers would be cut)."))
+    check_fit: bool = Field(True, description=(
+        "Count each row's tokens with the base model's tokenizer (needs the tokenizer, not the weights)."))
+    check_pii: bool = Field(True, description=(
+        "Reject resident registration numbers, phone numbers and e-mail addresses."))
 
     @model_validator(mode="after")
     def _check(self) -> ValidationConfig:
@@ -92,67 +96,79 @@ class ValidationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base_model: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
-    revision: str | None = None
-    max_seq_length: int = Field(512, gt=8)
-    load_in_4bit: bool = True  # honoured on CUDA; the CPU path loads full precision
-    use_chat_template: bool = True  # when the tokenizer has one
+    base_model: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                            description="Base model: a Hugging Face hub id or a local folder.")
+    revision: str | None = Field(None, description="Hub revision (tag, branch or commit) of the base model.")
+    max_seq_length: int = Field(512, gt=8, description=(
+        "Tokens per example (prompt + answer); longer examples lose the end of their answer."))
+    load_in_4bit: bool = Field(True, description=(
+        "Load the base model in 4-bit NF4 on CUDA (the CPU loads full precision)."))
+    use_chat_template: bool = Field(True, description=(
+        "Render prompts through the tokenizer's chat template when it has one (else plain Alpaca text)."))
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: list[str] = Field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    # None: every layer (the seed's code). k: only the top k decoder layers.
-    top_k_layers: int | None = Field(None, gt=0)
-    train_lm_head: bool = False  # "top 7 layers + LM head" in the seed's write-up
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get LoRA adapters.")
+    top_k_layers: int | None = Field(None, gt=0, description=(
+        "Adapt only the top k decoder layers (null: every layer, as the seed's code did). With "
+        "`train_lm_head` this is the seed write-up's \"top 7 layers + LM head\" scope."))
+    train_lm_head: bool = Field(False, description="Also train the LM head (saved whole with the adapter).")
 
 
 class TrainConfig(_Strict):
-    backend: Literal["auto", "hf", "unsloth"] = "auto"
-    per_device_train_batch_size: int = Field(3, gt=0)
-    gradient_accumulation_steps: int = Field(4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    max_steps: int = -1  # -1: run num_train_epochs
-    num_train_epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(2e-4, ge=0.0)
-    lr_scheduler_type: str = "linear"
-    optim: str = "adamw_8bit"  # falls back to adamw_torch without CUDA
-    weight_decay: float = 0.01
-    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
-    # Selective checkpointing (unsloth backend): the last N decoder layers keep their
-    # activations instead of recomputing them in the backward pass; each saves ~1/num_layers
-    # of the recompute for ~batch x seq x 120 KB of GPU memory on Llama-3.1-8B. Same maths.
-    uncheckpointed_layers: int = Field(0, ge=0)
-    # Pad each batch to a multiple of this many tokens (None: to its longest row). Fewer
-    # distinct shapes means fewer kernel autotunes and attention plans on the GPU.
-    pad_to_multiple_of: int | None = Field(None, gt=0)
-    packing: bool = False
-    # Where the LM head and cross-entropy run. "trl": TRL's fused LM head (a Triton kernel:
-    # never builds the full logits, logs entropy and token accuracy). "model": the model's
-    # own forward with labels (Unsloth's fused cross-entropy; transformers' full logits).
-    # "auto": trl on CUDA (on an H100 at the seed's shape it also beat Unsloth's own loss
-    # by 10-25 % in tokens/s, docs/benchmarks.md), model on the CPU. The same loss either way.
-    loss_head: Literal["auto", "model", "trl"] = "auto"
-    # Throughput options that keep the optimisation the same (examples per optimizer
-    # step, schedule): no pad tokens in a batch (None: the backend's default; Unsloth
-    # turns it on by itself), batches of similar lengths.
-    padding_free: bool | None = None
-    group_by_length: bool = False
-    seed: int = 3407
-    logging_steps: int = Field(1, gt=0)
-    # The CUDA worker: the Airflow queue of the train (and evaluate) task, its retries,
-    # and checkpoints every `save_steps` so that a retry resumes instead of starting over.
-    queue: str = "gpu"
-    retries: int = Field(1, ge=0)
-    save_steps: int = Field(20, gt=0)
-    # Train in a child process (`python -m ml train`), so CUDA memory is returned
-    # when it ends and a crash or OOM fails the task instead of the worker.
-    isolate: bool = True
+    backend: Literal["auto", "hf", "unsloth"] = Field("auto", description=(
+        "`unsloth`: Unsloth's 4-bit model, LoRA and gradient checkpointing; `hf`: transformers + peft "
+        "(bitsandbytes NF4 on CUDA, full precision on the CPU); `auto`: unsloth where CUDA and Unsloth "
+        "are importable, else hf."))
+    per_device_train_batch_size: int = Field(12, gt=0, description=(
+        "Examples per micro-batch. The seed trained 3 x 4 accumulation steps; the same 12 examples per "
+        "optimizer step in one micro-batch keep the optimisation and use the GPU better."))
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps (ignored when warmup_ratio > 0).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Warm-up as a share of all steps (0: use warmup_steps)."))
+    max_steps: int = Field(60, ge=-1, description="Optimizer steps (-1: train for num_train_epochs).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs, used when max_steps is -1.")
+    learning_rate: float = Field(2e-4, ge=0.0, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("linear", description="transformers' learning-rate schedule after warm-up.")
+    optim: str = Field("adamw_8bit", description=(
+        "transformers' optimizer name; an 8-bit one becomes adamw_torch without CUDA."))
+    weight_decay: float = Field(0.01, description="AdamW weight decay.")
+    gradient_checkpointing: Literal["unsloth", "true", "false"] = Field("unsloth", description=(
+        "Recompute activations in the backward pass instead of keeping them: `unsloth` (offloaded to "
+        "the CPU), `true` (transformers' own), `false`. Less memory, more time."))
+    uncheckpointed_layers: int = Field(12, ge=0, description=(
+        "Selective checkpointing (unsloth backend): the last N decoder layers keep their activations "
+        "instead of recomputing them. Faster, more GPU memory; 0 on a small GPU. Same maths either way. "
+        "The hf backend, whose layers keep several times more activations, ignores it."))
+    pad_to_multiple_of: int | None = Field(64, gt=0, description=(
+        "Pad each batch to a multiple of this many tokens (null: to its longest row). Fewer distinct "
+        "batch shapes, so kernels and attention plans are built once, for a few pad tokens more."))
+    packing: bool = Field(False, description="Pack several examples into one sequence (the seed: no packing).")
+    loss_head: Literal["auto", "model", "trl"] = Field("auto", description=(
+        "Where the LM head and cross-entropy run. `trl`: TRL's fused LM head (a Triton kernel, so CUDA "
+        "only; never builds the full logits; logs entropy and token accuracy); `model`: the model's own "
+        "forward with labels; `auto`: trl on CUDA, model elsewhere. The same loss either way."))
+    padding_free: bool | None = Field(False, description=(
+        "Batches without pad tokens (null: the backend's default; Unsloth turns it on by itself). Off: "
+        "slower without varlen attention kernels."))
+    group_by_length: bool = Field(True, description=(
+        "Batches of similar lengths (less padding; another example order than random)."))
+    seed: int = Field(3407, description="Random seed of LoRA initialisation, data order and dropout.")
+    logging_steps: int = Field(1, gt=0, description="Log loss, learning rate and speed every N steps.")
+    queue: str = Field("gpu", description="Airflow queue of the train and evaluate tasks (the CUDA worker's).")
+    retries: int = Field(1, ge=0, description="Retries of the train task; a retry resumes from the last checkpoint.")
+    save_steps: int = Field(20, gt=0, description=(
+        "Checkpoint every N steps, so a retry resumes instead of starting over."))
+    isolate: bool = Field(True, description=(
+        "Train in a child process (`python -m ml train`): its CUDA memory is returned when it ends, and "
+        "a crash or OOM fails the task instead of the worker."))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -162,32 +178,31 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    eval_steps: int = Field(10, gt=0)
-    batch_size: int = Field(4, gt=0)
-    num_sample_generations: int = Field(3, ge=0)
-    max_new_tokens: int = Field(128, gt=0)
+    eval_steps: int = Field(10, gt=0, description="Validation loss every N training steps.")
+    batch_size: int = Field(4, gt=0, description="Examples per batch when scoring the test split.")
+    num_sample_generations: int = Field(3, ge=0, description="Test questions answered by both models in the report.")
+    max_new_tokens: int = Field(128, gt=0, description="Length limit of those sample answers.")
 
 
 class RegistryConfig(_Strict):
-    # None: MLflow's own resolution (MLFLOW_TRACKING_URI). Credentials never
-    # live here: MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD from the env.
-    tracking_uri: str | None = None
-    experiment: str = "pubmedqa-ko-lora"
-    model_name: str = "pubmedqa-ko-llama31-8b-lora"
-    champion_alias: str = "champion"
-    previous_alias: str = "previous_champion"
-    min_delta: float = Field(0.0, ge=0.0)
-    # Artifact root for experiments created against a local (sqlite/file)
-    # store; ignored for an MLflow server, which proxies its own.
-    artifact_location: str | None = None
+    tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI). Credentials never live here: MLflow reads "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."))
+    experiment: str = Field("pubmedqa-ko-lora", description="MLflow experiment of the runs.")
+    model_name: str = Field("pubmedqa-ko-llama31-8b-lora", description="Registered model the versions belong to.")
+    champion_alias: str = Field("champion", description="Alias of the model in production.")
+    previous_alias: str = Field("previous_champion", description="Alias the replaced champion keeps (for rollback).")
+    min_delta: float = Field(0.0, ge=0.0, description="Promote only if the test loss improves by more than this.")
+    artifact_location: str | None = Field(None, description=(
+        "Artifact root of experiments created in a local (sqlite/file) store; an MLflow server proxies its own."))
 
 
 class PipelineConfig(_Strict):
-    profile: str = DEFAULT_PROFILE
-    description: str = ""
-    schedule: str | None = "@weekly"
-    # Where runs write snapshots, splits, adapters and reports.
-    output_dir: str = "state/runs"
+    profile: str = Field(DEFAULT_PROFILE, description=(
+        "Configuration profile (ml/profiles/*.yaml, or $RETRAIN_PROFILES_DIR); the other fields override it."))
+    description: str = Field("", description="One line on what the profile is for.")
+    schedule: str | None = Field("@weekly", description="Airflow schedule of retraining (null: manual runs only).")
+    output_dir: str = Field("state/runs", description="Where runs write snapshots, splits, adapters and reports.")
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
@@ -211,7 +226,12 @@ class PipelineConfig(_Strict):
         return out
 
 
-# Airflow Param name -> config field. These are the knobs the trigger form shows.
+SECTIONS: dict[str, type[_Strict]] = {
+    name: field.annotation for name, field in PipelineConfig.model_fields.items()  # type: ignore[misc]
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Strict)}
+
+# The trigger form's fields (Airflow Params): form name -> config field. Their descriptions and
+# bounds come from the fields (`param_schemas`).
 PARAM_PATHS: dict[str, str] = {
     "dataset": "data.source",
     "dataset_split": "data.split",
@@ -223,6 +243,44 @@ PARAM_PATHS: dict[str, str] = {
     "lora_alpha": "lora.alpha",
     "min_delta": "registry.min_delta",
 }
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
+
+
+def field_schema(dotted: str) -> dict[str, Any]:
+    """JSON schema of one config field (`train.learning_rate`): type, bounds, description."""
+    section, _, name = dotted.partition(".")
+    model = SECTIONS.get(section) if name else PipelineConfig
+    properties = model.model_json_schema()["properties"] if model else {}
+    if (name or section) not in properties:
+        raise ConfigError(f"no config field {dotted!r}")
+    return {k: v for k, v in properties[name or section].items() if k in _SCHEMA_KEYS}
+
+
+def param_schemas() -> dict[str, dict[str, Any]]:
+    """The trigger form: each Param's JSON schema from its config field. Nullable, because an
+    empty field keeps the profile's value; the bounds apply to a value that is given."""
+    out = {}
+    for param, dotted in PARAM_PATHS.items():
+        schema = field_schema(dotted)
+        out[param] = {**schema, "type": ["null", schema["type"]]}
+    return out
+
+
+def reference_markdown() -> str:
+    """Every setting with its default and description: the reference in docs/configuration.md."""
+    defaults = PipelineConfig().model_dump(mode="json")
+    lines = []
+    sections: list[tuple[str, type[BaseModel]]] = [("", PipelineConfig), *SECTIONS.items()]
+    for section, model in sections:
+        lines += ["", f"### `{section}`" if section else "### top level", "", "| key | default | what |",
+                  "| --- | --- | --- |"]
+        for name, field in model.model_fields.items():
+            if name in SECTIONS and not section:
+                continue
+            value = defaults[section][name] if section else defaults[name]
+            text = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | `{json.dumps(value, ensure_ascii=False)}` | {text} |")
+    return "\n".join(lines[1:]) + "\n"
 
 
 def project_root() -> Path:
@@ -267,17 +325,21 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_profile(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    if name in seen:
-        raise ConfigError(f"profile inheritance loops: {' -> '.join((*seen, name))}")
+def read_profile(name: str) -> tuple[dict[str, Any], str | None]:
+    """A profile file's own settings (without its parent's) and the parent it extends."""
     path = _profile_path(name)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"profile {path} must be a YAML mapping")
     parent = raw.pop("extends", None)
-    if parent:
-        raw = _deep_merge(_read_profile(parent, (*seen, name)), raw)
-    return raw
+    return raw, parent
+
+
+def _resolved_profile(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name in seen:
+        raise ConfigError(f"profile inheritance loops: {' -> '.join((*seen, name))}")
+    raw, parent = read_profile(name)
+    return _deep_merge(_resolved_profile(parent, (*seen, name)), raw) if parent else raw
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -293,8 +355,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Profile (default: $RETRAIN_PROFILE or the production seed) + dotted overrides."""
     name = profile or os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE
-    raw = _read_profile(name)
-    raw["profile"] = Path(name).stem
+    raw = _resolved_profile(name)
+    raw["profile"] = Path(name).stem if name.endswith((".yaml", ".yml")) else name  # "exaone-3.5-2.4b" has no suffix
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:

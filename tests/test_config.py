@@ -1,10 +1,26 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import ROOT
 
-from ml.config import PARAM_PATHS, ConfigError, PipelineConfig, config_from_params, load_config, parse_overrides
+from ml.config import (
+    DEFAULT_PROFILE,
+    PARAM_PATHS,
+    PROFILES_DIR,
+    SECTIONS,
+    PipelineConfig,
+    config_from_params,
+    load_config,
+    parse_overrides,
+    read_profile,
+    reference_markdown,
+)
+from ml.errors import ConfigError
+from ml.prompt import PromptFormat
 
 
 def test_seed_profile_carries_the_seed_hyperparameters() -> None:
@@ -99,3 +115,44 @@ def test_gradient_checkpointing_accepts_yaml_booleans() -> None:
     assert load_config("e2e", {"train.gradient_checkpointing": False}).train.gradient_checkpointing == "false"
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         load_config("e2e", {"train.gradient_checkpointing": "sometimes"})
+
+
+SHIPPED = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_builds_its_config_and_states_only_what_differs(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.profile == name and cfg.description
+    assert PromptFormat.from_config(cfg).max_length == cfg.model.max_seq_length
+    text = (PROFILES_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+    assert re.match(r"# (make \w+|python -m ml \w+)", text), f"{name}.yaml must open with the command that runs it"
+    own, parent = read_profile(name)
+    inherited = (load_config(parent) if parent else PipelineConfig()).flat()
+    for dotted, value in _leaves(own).items():
+        if dotted == "description":
+            continue
+        *section, key = dotted.split(".")
+        alone = {section[0]: {key: value}} if section else {key: value}
+        changed = (load_config(parent, {dotted: value}) if parent else PipelineConfig.model_validate(alone)).flat()
+        assert changed[dotted] != inherited[dotted], f"{name}.yaml restates {dotted}: {value!r}, as inherited"
+
+
+def test_the_code_defaults_are_the_default_profile() -> None:
+    default = load_config(DEFAULT_PROFILE)
+    assert default.model_dump(exclude={"description"}) == PipelineConfig().model_dump(exclude={"description"})
+
+
+def test_every_setting_is_documented_and_the_reference_is_current() -> None:
+    for section, model in [("", PipelineConfig), *SECTIONS.items()]:
+        for key, field in model.model_fields.items():
+            assert field.description or key in SECTIONS, f"{section}.{key} has no description"
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert reference_markdown() in doc, "docs/configuration.md is stale: python -m ml config --reference"
