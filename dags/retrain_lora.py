@@ -3,9 +3,9 @@
 load -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
 -> decide -> promote_champion | keep_champion -> summary
 
-Each task is a few lines around `ml.pipeline`; the work lives in `ml/` and runs
-without Airflow (`python -m ml --help`). Tasks of one run share a run folder
-under the profile's `output_dir`, named after the Airflow run id.
+Each task calls its `ml.pipeline` step; the work lives in `ml/` and runs without
+Airflow (`python -m ml --help`). Tasks of one run share a run folder under the
+profile's `output_dir`, named after the Airflow run id.
 
 Trigger with parameters from the UI ("Trigger DAG" shows a form): an empty
 field keeps the profile's value.
@@ -14,55 +14,35 @@ field keeps the profile's value.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from ml.config import DEFAULT_PROFILE, available_profiles, load_config
+# Only the light config module at parse time; each task imports the ML stack it runs.
+from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_config, param_schemas
 
 DAG_ID = "retrain_lora"
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
-
-
-def _nullable(kind: str, description: str, **extra: Any) -> Param:
-    return Param(None, type=["null", kind], description=description, **extra)
-
-
 PARAMS = {
     "profile": Param(DEFAULT.profile, type="string", enum=available_profiles(),
-                     description="Configuration profile (ml/profiles/*.yaml); the fields below override it."),
-    "dataset": _nullable("string", "Hugging Face dataset id or a local .jsonl/.json/.parquet/.csv/folder path."),
-    "dataset_split": _nullable("string", "Dataset split to load from the hub (e.g. train)."),
-    "base_model": _nullable("string", "Base model: hub id or local folder."),
-    "learning_rate": _nullable("number", "Peak learning rate.", exclusiveMinimum=0),
-    "max_steps": _nullable("integer", "Optimizer steps (-1: train for num_train_epochs).", minimum=-1),
-    "num_train_epochs": _nullable("number", "Epochs, used when max_steps is -1.", exclusiveMinimum=0),
-    "lora_r": _nullable("integer", "LoRA rank.", minimum=1),
-    "lora_alpha": _nullable("integer", "LoRA alpha.", minimum=1),
-    "min_delta": _nullable("number", "Promote only if test loss improves by more than this.", minimum=0),
+                     description=field_schema("profile")["description"]),
+    **{name: Param(None, **schema) for name, schema in param_schemas().items()},
 }
 
 
 def _run() -> tuple[Any, Any, str]:
     """This run's typed config, run folder and key, rebuilt from its Params in every task."""
     from ml.config import config_from_params
-    from ml.pipeline import run_paths
+    from ml.runs import run_paths
 
     ctx = get_current_context()
     cfg = config_from_params(dict(ctx["params"]))
     run_key = f"{DAG_ID}__{ctx['run_id']}"
     return cfg, run_paths(cfg, run_key), run_key
-
-
-def _step(name: str) -> Any:
-    """Run `ml.pipeline.<name>(cfg, paths)` for this DAG run."""
-    from ml import pipeline
-
-    cfg, paths, _ = _run()
-    return getattr(pipeline, name)(cfg, paths)
 
 
 @dag(
@@ -79,42 +59,52 @@ def _step(name: str) -> Any:
 def retrain_lora() -> None:
     @task
     def load() -> dict[str, Any]:
-        from dataclasses import asdict
+        from ml import pipeline
 
-        return asdict(_step("load"))
+        cfg, paths, _ = _run()
+        return asdict(pipeline.load(cfg, paths))
 
     @task
     def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
         from ml import pipeline
+        from ml.errors import GateFailed
 
         cfg, paths, run_key = _run()
         try:
             return pipeline.validate(cfg, paths, run_key)
-        except pipeline.GateFailed as exc:  # no retry can fix bad data
+        except GateFailed as exc:  # no retry can fix bad data
             raise AirflowFailException(str(exc)) from exc
 
     @task
     def prepare(gate: dict[str, Any]) -> dict[str, int]:
-        return dict(_step("prepare"))
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.prepare(cfg, paths)
 
     # The GPU steps go to the CUDA worker's queue; the trainer runs as a child process there
     # and checkpoints, so a retry resumes where a killed attempt stopped.
     @task(queue=DEFAULT.train.queue, retries=DEFAULT.train.retries, retry_delay=timedelta(seconds=30))
     def train(splits: dict[str, int]) -> dict[str, Any]:
-        return dict(_step("train"))
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.train(cfg, paths)
 
     @task(queue=DEFAULT.train.queue)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
-        return dict(_step("evaluate"))
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.evaluate(cfg, paths)
 
     @task
     def register(evaluation: dict[str, Any]) -> dict[str, str]:
         from ml import pipeline
 
         cfg, paths, run_key = _run()
-        ctx = get_current_context()
-        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID,
-                                                            "airflow.run_id": str(ctx["run_id"])})
+        run_id = str(get_current_context()["run_id"])
+        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID, "airflow.run_id": run_id})
 
     @task.branch
     def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
@@ -122,13 +112,19 @@ def retrain_lora() -> None:
 
     @task
     def promote_champion() -> dict[str, Any]:
-        return dict(_step("promote"))  # moves @champion, keeps @previous_champion
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        return pipeline.promote(cfg, paths)  # moves @champion, keeps @previous_champion
 
     @task
     def keep_champion() -> dict[str, Any]:
-        return dict(_step("promote"))  # tags the version rejected; the alias stays
+        from ml import pipeline
 
-    @task(trigger_rule="none_failed_min_one_success")
+        cfg, paths, _ = _run()
+        return pipeline.keep(cfg, paths)  # tags the version rejected; the aliases stay
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> str:
         line = (f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
                 f"version {registered['version']} | challenger {evaluation['challenger_loss']:.4f} vs "

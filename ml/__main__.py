@@ -2,7 +2,9 @@
 
 Steps of one run share a run folder chosen by --run-key, exactly as the DAG's
 tasks do, so `load`, `validate`, `prepare`, `train`, `evaluate`, `register` and
-`promote` can be run one by one (or all at once with `pipeline`).
+`promote` or `keep` can be run one by one (or all at once with `pipeline`).
+Imports of the ML stack wait for the command that needs them: `train` must
+import Unsloth (when it trains) before transformers, and --help stays quick.
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ml.config import ConfigError, PipelineConfig, available_profiles, load_config, parse_overrides
+import yaml
+
+from ml.config import (
+    PipelineConfig,
+    available_profiles,
+    load_config,
+    parse_overrides,
+    reference_markdown,
+    resolve_path,
+)
+from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError
+from ml.runs import run_paths
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -40,8 +53,7 @@ def _print(obj: Any) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ml.data import load_records
-    from ml.pipeline import gate_tokenizer
-    from ml.validate import validate
+    from ml.validate import gate_tokenizer, validate
 
     cfg = _config(args)
     report = validate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
@@ -53,7 +65,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ml.config import resolve_path
     from ml.data import load_examples
     from ml.prompt import PromptFormat
     from ml.tiny import build_tiny_model
@@ -68,20 +79,34 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """This process is the trainer: the train task's child process, or a user on a GPU box."""
+    from ml.backend import train_here
+
+    cfg = _config(args)
+    paths = run_paths(cfg, args.run_key)
+    _print(asdict(train_here(cfg, paths.splits, paths.train)))
+    return EXIT_OK
+
+
 def cmd_step(args: argparse.Namespace) -> int:
     from ml import pipeline
 
     cfg = _config(args)
-    paths = pipeline.run_paths(cfg, args.run_key)
+    paths = run_paths(cfg, args.run_key)
     step = args.command
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
-    elif step == "train":  # this process is the trainer (the DAG's child process, or a user)
-        _print(pipeline.train_here(cfg, paths))
-    elif step in ("register",):
+    elif step == "register":
         _print(pipeline.register(cfg, paths, args.run_key))
     else:
         _print(getattr(pipeline, step)(cfg, paths))
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(reference_markdown() if args.reference else
+          yaml.safe_dump(_config(args).model_dump(mode="json"), allow_unicode=True, sort_keys=False), end="")
     return EXIT_OK
 
 
@@ -116,15 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
 
+    p = sub.add_parser("config", parents=[common], help="print the resolved config of a profile and overrides")
+    p.add_argument("--reference", action="store_true", help="print every setting's default and description")
+    p.set_defaults(func=cmd_config)
+
     helps = {"load": "snapshot the dataset into the run folder",
              "prepare": "format and split the snapshot (train/validation/test)",
              "train": "LoRA fine-tune on the train split (no Airflow, no MLflow)",
-             "evaluate": "test loss of challenger and champion (or base model)",
+             "evaluate": "test loss of challenger and champion (or base model); the decision",
              "register": "log the run to MLflow and register a model version",
-             "promote": "move the champion alias if the challenger won; tag it otherwise"}
+             "promote": "move @champion to this run's version (only when the evaluation chose it)",
+             "keep": "keep @champion: tag this run's version rejected"}
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common, run], help=text)
-        p.set_defaults(func=cmd_step)
+        p.set_defaults(func=cmd_train if name == "train" else cmd_step)
     p = sub.add_parser("pipeline", parents=[common, run], help="every step in order, without Airflow")
     p.set_defaults(func=cmd_pipeline)
     return parser
@@ -134,10 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     fmt = os.environ.get("ML_LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.basicConfig(level=logging.INFO, format=fmt)
     args = build_parser().parse_args(argv)
-    from ml.data import DataError
-    from ml.modeling import ModelLoadError
-    from ml.pipeline import GateFailed
-
     try:
         return int(args.func(args))
     except (ConfigError, DataError, ModelLoadError) as exc:

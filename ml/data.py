@@ -19,16 +19,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pandas as pd
+
 from ml.config import CANONICAL_COLUMNS, DataConfig, resolve_path
+from ml.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as given; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,8 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"dataset file not found: {path}")
     if path.is_dir():
-        from datasets import load_from_disk
-
         try:
-            ds = load_from_disk(str(path))
+            ds = datasets.load_from_disk(str(path))
         except Exception as exc:  # datasets raises several types for a bad folder
             raise DataError(f"{path} is not a datasets save_to_disk folder: {exc}") from exc
         if hasattr(ds, "keys"):  # a DatasetDict
@@ -88,12 +86,8 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
         if path.suffix == ".json":
             return _from_json(json.loads(path.read_text(encoding="utf-8")), path)
         if path.suffix == ".parquet":
-            import pandas as pd
-
             return [dict(r) for r in pd.read_parquet(path).to_dict(orient="records")]
         if path.suffix == ".csv":
-            import pandas as pd
-
             return [dict(r) for r in pd.read_csv(path, keep_default_na=False).to_dict(orient="records")]
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
@@ -111,12 +105,10 @@ def _from_json(obj: Any, path: Path) -> list[dict[str, Any]]:
 
 
 def _read_hub(cfg: DataConfig) -> list[dict[str, Any]]:
-    from datasets import load_dataset
-
     log.info("loading %s (split=%s, revision=%s) from the Hugging Face hub",
              cfg.source, cfg.split, cfg.revision)
     try:
-        ds = load_dataset(cfg.source, split=cfg.split, revision=cfg.revision)
+        ds = datasets.load_dataset(cfg.source, split=cfg.split, revision=cfg.revision)
     except Exception as exc:  # offline, missing repo, bad split: all surface here
         raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
     return [dict(r) for r in ds]

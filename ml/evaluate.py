@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from ml.data import QAExample
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all, render
 
@@ -32,9 +35,6 @@ class LossResult:
 
 
 def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int = 8) -> LossResult:
-    import torch
-    import torch.nn.functional as F
-
     rows = [e for e in encoded if any(t != IGNORE_INDEX for t in e.labels)]
     if not rows:
         raise ValueError("no example has answer tokens left after truncation; raise model.max_seq_length")
@@ -70,8 +70,6 @@ def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fm
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers, one prompt at a time (no padding side effects; a handful of samples)."""
-    import torch
-
     dev = next(model.parameters()).device
     answers = []
     for ex in examples:

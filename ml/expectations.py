@@ -8,14 +8,11 @@ it fails this check as well.
 
 from __future__ import annotations
 
-import os
 from typing import Any, ClassVar, Literal
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics leave the machine
-
-from great_expectations.execution_engine import PandasExecutionEngine  # noqa: E402
-from great_expectations.expectations.expectation import ColumnMapExpectation  # noqa: E402
-from great_expectations.expectations.metrics.map_metric_provider import (  # noqa: E402
+from great_expectations.execution_engine import PandasExecutionEngine
+from great_expectations.expectations.expectation import ColumnMapExpectation
+from great_expectations.expectations.metrics.map_metric_provider import (
     ColumnMapMetricProvider,
     column_condition_partial,
 )

@@ -1,4 +1,4 @@
-"""Loading base models, tokenizers and adapters (hub ids or local folders)."""
+"""Loading base models, tokenizers and adapters (hub ids or local folders), for training and scoring."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ml.config import ModelConfig, resolve_path
+import datasets
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ml.config import ModelConfig, PipelineConfig, resolve_path
+from ml.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def model_ref(name: str) -> str:
@@ -23,8 +26,6 @@ def model_ref(name: str) -> str:
 
 
 def compute_dtype() -> Any:
-    import torch
-
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -32,17 +33,12 @@ def compute_dtype() -> Any:
 
 def quiet_progress_bars() -> None:
     """Per-file progress bars flood task logs; our own log lines report progress instead."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
     quiet_progress_bars()
     ref = path or model_ref(cfg.base_model)
     try:
@@ -56,16 +52,11 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 
 def load_base_model(cfg: ModelConfig) -> Any:
     """The base model on the best device; 4-bit NF4 on CUDA when configured."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     ref = model_ref(cfg.base_model)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype()}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
         if cfg.load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute_dtype())
@@ -82,8 +73,47 @@ def load_with_adapter(cfg: ModelConfig, adapter_dir: Path | None) -> tuple[Any, 
     model = load_base_model(cfg)
     tokenizer = load_tokenizer(cfg, str(adapter_dir) if adapter_dir else None)
     if adapter_dir is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, tokenizer
+
+
+def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, LoraConfig | None]:
+    """(model, tokenizer, peft_config) to train. Unsloth's model comes wrapped in its LoRA already;
+    for the hf backend, TRL wraps the model in `peft_config` (and prepares a 4-bit one) itself."""
+    lc, t = cfg.lora, cfg.train
+    if backend == "hf":
+        tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model)
+        if t.gradient_checkpointing != "false" and getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        return model, tokenizer, lora_config(cfg, model.config.num_hidden_layers)
+    from unsloth import FastLanguageModel  # optional (CUDA only); imported first by ml.backend
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_ref(cfg.model.base_model), revision=cfg.model.revision,
+        max_seq_length=cfg.model.max_seq_length, dtype=None, load_in_4bit=cfg.model.load_in_4bit)
+    model = FastLanguageModel.get_peft_model(
+        model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+        target_modules=list(lc.target_modules), random_state=t.seed,
+        use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[t.gradient_checkpointing],
+        layers_to_transform=_layers(cfg, model.config.num_hidden_layers),
+        modules_to_save=["lm_head"] if lc.train_lm_head else None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, None
+
+
+def lora_config(cfg: PipelineConfig, num_layers: int) -> LoraConfig:
+    lc = cfg.lora
+    return LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+        target_modules=list(lc.target_modules), layers_to_transform=_layers(cfg, num_layers),
+        modules_to_save=["lm_head"] if lc.train_lm_head else None, task_type="CAUSAL_LM")
+
+
+def _layers(cfg: PipelineConfig, num_layers: int) -> list[int] | None:
+    """The top `lora.top_k_layers` decoder layers, or None for every layer."""
+    if not cfg.lora.top_k_layers:
+        return None
+    k = min(cfg.lora.top_k_layers, num_layers)
+    return list(range(num_layers - k, num_layers))

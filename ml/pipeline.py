@@ -2,71 +2,46 @@
 
 The Airflow DAG calls these one per task; `python -m ml <step>` and
 `python -m ml pipeline` call the same functions without Airflow. Each step
-reads what earlier steps wrote under the run folder and writes its own result
-there as JSON, so a task can be retried, or run on another worker that shares
-the folder, without passing anything large through XCom.
+reads what earlier steps wrote under the run folder (ml/runs.py) and writes its
+own result there as JSON, so a task can be retried, or run on another worker
+that shares the folder, without passing anything large through XCom.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
-import re
+import os
 import shutil
-from dataclasses import asdict, dataclass
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ml.config import PipelineConfig, resolve_path
+from ml.backend import train_here
+from ml.config import PipelineConfig
 from ml.data import Snapshot, read_snapshot, read_split, snapshot, split_examples, to_example, write_splits
+from ml.errors import GateFailed, TrainingFailed
+from ml.evaluate import evaluate_model, generate_answers
+from ml.modeling import load_with_adapter
+from ml.prompt import PromptFormat
+from ml.registry import (
+    Decision,
+    Registered,
+    champion,
+    decide,
+    log_and_register,
+    log_failed_validation,
+    promote_version,
+    reject_version,
+)
+from ml.runs import RunPaths, read_json, run_paths, write_json
+from ml.validate import gate_tokenizer
+from ml.validate import validate as run_gate
 
 log = logging.getLogger(__name__)
 
-
-class GateFailed(RuntimeError):
-    """The data-quality gate rejected the dataset; nothing downstream may run."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def champion(self) -> Path:
-        return self.root / "champion"
-
-
-def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key).strip("_")
-    return RunPaths(resolve_path(cfg.output_dir) / safe)
-
-
-def _write(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------- steps
 
 def load(cfg: PipelineConfig, paths: RunPaths) -> Snapshot:
     return snapshot(cfg.data, paths.data)
@@ -76,59 +51,34 @@ def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -
     """The data-quality gate on the snapshot. On failure, with a run key, the reports are logged
     to MLflow as a run tagged failed (so reviewers see why a retrain did not happen) and
     `GateFailed` stops the pipeline: nothing is trained or registered."""
-    from ml.validate import validate as run_gate
-
     report = run_gate(read_snapshot(paths.data), cfg, gate_tokenizer(cfg))
     report.write(paths.reports / "validation.json")
     if not report.success:
         if run_key:
-            from ml.registry import log_failed_validation
-
-            log_failed_validation(cfg, run_key, paths.root, _read(paths.data / "snapshot.json"))
+            log_failed_validation(cfg, run_key, paths.root, read_json(paths.data / "snapshot.json"))
         raise GateFailed(report.summary())
     return {"success": True, "expectations": len(report.checks), "rows": report.rows,
             "truncated_share": report.truncated_share}
 
 
-def gate_tokenizer(cfg: PipelineConfig) -> Any:
-    """The base model's tokenizer for the gate's fit check (no weights are loaded)."""
-    if not cfg.validation.check_fit:
-        return None
-    from ml.modeling import load_tokenizer
-
-    return load_tokenizer(cfg.model)
-
-
 def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
     examples = [to_example(r) for r in read_snapshot(paths.data)]
     counts = write_splits(split_examples(examples, cfg.data), paths.splits)
-    _write(paths.reports / "splits.json", counts)
+    write_json(paths.reports / "splits.json", counts)
     return counts
-
-
-class TrainingFailed(RuntimeError):
-    """The training process failed (crash, OOM, killed); its last output is in the message."""
 
 
 def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Train in a child process (`train.isolate`, the default) or in this one."""
     if not cfg.train.isolate:
-        return train_here(cfg, paths)
+        return asdict(train_here(cfg, paths.splits, paths.train))
     return _train_in_child(cfg, paths)
-
-
-def train_here(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    from ml.train import train as run_training
-
-    return asdict(run_training(cfg, paths.splits, paths.train))
 
 
 def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     """The child's command line; the run's resolved config travels as a file in the run folder."""
-    import sys
-
     config_file = paths.root / "config.json"
-    _write(config_file, cfg.model_dump(mode="json"))
+    write_json(config_file, cfg.model_dump(mode="json"))
     return [sys.executable, "-m", "ml", "train", "--config", str(config_file), "--run-key", paths.root.name]
 
 
@@ -138,10 +88,6 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     The child owns the GPU: when it ends, CUDA memory goes back to the worker, and an
     OOM or crash becomes a failed task (with the tail of its output) instead of a dead worker.
     """
-    import collections
-    import os
-    import subprocess
-
     cmd = training_command(cfg, paths)
     log.info("starting training process: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -168,16 +114,11 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
                 if "out of memory" in text.lower() else "")
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         raise TrainingFailed(f"training process {how}{hint}. Last output:\n{text}")
-    return _read(paths.train / "train_result.json")  # type: ignore[no-any-return]
+    return read_json(paths.train / "train_result.json")  # type: ignore[no-any-return]
 
 
 def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Challenger vs champion (or the bare base model) on the same test split, in this run."""
-    from ml.evaluate import evaluate_model, generate_answers
-    from ml.modeling import load_with_adapter
-    from ml.prompt import PromptFormat
-    from ml.registry import champion, decide
-
     test = read_split(paths.splits, "test")
     m = cfg.model
     fmt = PromptFormat.from_config(cfg)
@@ -220,18 +161,16 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "champion_version": champ.version if champ else None, "decision": asdict(decision),
               "samples": samples}
-    _write(paths.reports / "evaluation.json", report)
+    write_json(paths.reports / "evaluation.json", report)
     return {"challenger_loss": challenger.loss, "baseline_loss": baseline.loss,
             "baseline": baseline_name, "promote": decision.promote}
 
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
              tags: dict[str, str] | None = None) -> dict[str, str]:
-    from ml.registry import Decision, log_and_register
-
-    ev = _read(paths.reports / "evaluation.json")
-    snap = _read(paths.data / "snapshot.json")
-    tr = _read(paths.train / "train_result.json")
+    ev = read_json(paths.reports / "evaluation.json")
+    snap = read_json(paths.data / "snapshot.json")
+    tr = read_json(paths.train / "train_result.json")
     decision = Decision(**ev["decision"])
     metrics = {"test_loss": ev["challenger"]["loss"], "baseline_test_loss": ev["baseline"]["loss"],
                "test_answer_tokens": ev["challenger"]["tokens"], "final_train_loss": tr["train_loss"],
@@ -242,18 +181,29 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
     all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"], **(tags or {})}
     reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics,
                            decision=decision, samples=ev["samples"])
-    _write(paths.reports / "registered.json", asdict(reg))
+    write_json(paths.reports / "registered.json", asdict(reg))
     return asdict(reg)
 
 
-def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Record the decision in the registry: move the alias, or tag the version rejected."""
-    from ml.registry import Decision, Registered, record_decision
+def _decided(paths: RunPaths) -> tuple[Registered, Decision]:
+    return (Registered(**read_json(paths.reports / "registered.json")),
+            Decision(**read_json(paths.reports / "evaluation.json")["decision"]))
 
-    decision = Decision(**_read(paths.reports / "evaluation.json")["decision"])
-    registered = Registered(**_read(paths.reports / "registered.json"))
-    record_decision(cfg.registry, registered, decision)
-    return {"version": registered.version, "promoted": decision.promote, "reason": decision.reason}
+
+def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Move @champion to this run's version. Only a version its evaluation chose can get it."""
+    registered, decision = _decided(paths)
+    if not decision.promote:
+        raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
+    promote_version(cfg.registry, registered, decision)
+    return {"version": registered.version, "promoted": True, "reason": decision.reason}
+
+
+def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Keep the champion: tag this run's version rejected, with the reason."""
+    registered, decision = _decided(paths)
+    reject_version(cfg.registry, registered, decision)
+    return {"version": registered.version, "promoted": False, "reason": decision.reason}
 
 
 def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
@@ -263,7 +213,7 @@ def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
     validate(cfg, paths)
     prepare(cfg, paths)
     train(cfg, paths)
-    evaluate(cfg, paths)
+    promoted = evaluate(cfg, paths)["promote"]
     register(cfg, paths, run_key)
-    result = promote(cfg, paths)
+    result = (promote if promoted else keep)(cfg, paths)
     return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result}

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
 
 def loss_curve(history: list[dict[str, Any]], out: Path, title: str = "",
                test_losses: dict[str, float] | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", color="tab:blue", alpha=0.8)
     if val:
@@ -30,5 +28,4 @@ def loss_curve(history: list[dict[str, Any]], out: Path, title: str = "",
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

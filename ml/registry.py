@@ -13,14 +13,21 @@ import logging
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from ml.plots import loss_curve
+from ml.prompt import PromptFormat
+from ml.serving import signature
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +100,6 @@ def champion(reg: RegistryConfig, dst: Path) -> Champion | None:
         raise
     model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{reg.model_name}/{mv.version}", dst_path=str(dst)))
-    import yaml
-
     artifacts = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
     embedded = artifacts.get("base_model")
     base = mv.tags.get("base_model", "")
@@ -131,8 +136,6 @@ def find_registered(reg: RegistryConfig, run_key: str) -> Registered | None:
 
 
 def _log_curve(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
-    from mlflow.entities import Metric
-
     metrics = []
     for row in history:
         step = int(row.get("step", 0))
@@ -147,10 +150,6 @@ def _log_curve(client: MlflowClient, run_id: str, history: list[dict[str, Any]])
 def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: dict[str, str],
                      metrics: dict[str, float], decision: Decision, samples: list[dict[str, str]]) -> Registered:
     """Log one MLflow run with everything the run produced and register its adapter as a new version."""
-    from ml.plots import loss_curve
-    from ml.prompt import PromptFormat
-    from ml.serving import signature
-
     reg = cfg.registry
     existing = find_registered(reg, run_key)
     if existing:
@@ -181,8 +180,6 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         for report in sorted((run_dir / "reports").glob("*")):
             mlflow.log_artifact(str(report), "reports")
         if samples:
-            import pandas as pd
-
             mlflow.log_table(pd.DataFrame(samples), artifact_file="reports/sample_generations.json")
 
         artifacts = {"adapter": str(adapter_dir)}
@@ -224,34 +221,39 @@ def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snap
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     reqs = []
     for pkg in ("mlflow", "torch", "transformers", "peft", "accelerate", "pydantic", "pandas"):
         try:
-            reqs.append(f"{pkg}=={version(pkg)}".replace("+cpu", ""))
-        except PackageNotFoundError:
+            reqs.append(f"{pkg}=={metadata.version(pkg)}".replace("+cpu", ""))
+        except metadata.PackageNotFoundError:
             reqs.append(pkg)
     return reqs
 
 
-def record_decision(reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
-    """Move the alias (promote) or mark the version rejected; record both numbers either way."""
+def promote_version(reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
+    """Move @champion to the version; the one it replaces keeps @previous_champion."""
     client = connect(reg)
     name, version = reg.model_name, registered.version
-    if decision.promote:
-        try:
-            previous = client.get_model_version_by_alias(name, reg.champion_alias)
-        except MlflowException:
-            previous = None
-        if previous is not None and str(previous.version) != version:
-            client.set_registered_model_alias(name, reg.previous_alias, previous.version)
-            client.set_model_version_tag(name, previous.version, "superseded_by", version)
-        client.set_registered_model_alias(name, reg.champion_alias, version)
-        client.set_model_version_tag(name, version, "decision", "promoted")
-        log.info("promoted %s version %s to @%s", name, version, reg.champion_alias)
-    else:
-        client.set_model_version_tag(name, version, "decision", "rejected")
-        log.info("rejected %s version %s: %s", name, version, decision.reason)
-    client.set_tag(registered.run_id, "decision", "promoted" if decision.promote else "rejected")
+    try:
+        previous = client.get_model_version_by_alias(name, reg.champion_alias)
+    except MlflowException:
+        previous = None
+    if previous is not None and str(previous.version) != version:
+        client.set_registered_model_alias(name, reg.previous_alias, previous.version)
+        client.set_model_version_tag(name, previous.version, "superseded_by", version)
+    client.set_registered_model_alias(name, reg.champion_alias, version)
+    _record(client, reg, registered, "promoted", decision)
+    log.info("promoted %s version %s to @%s", name, version, reg.champion_alias)
+
+
+def reject_version(reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
+    """Tag the version rejected; every alias stays where it is."""
+    _record(connect(reg), reg, registered, "rejected", decision)
+    log.info("rejected %s version %s: %s", reg.model_name, registered.version, decision.reason)
+
+
+def _record(client: MlflowClient, reg: RegistryConfig, registered: Registered, outcome: str,
+            decision: Decision) -> None:
+    client.set_model_version_tag(reg.model_name, registered.version, "decision", outcome)
+    client.set_tag(registered.run_id, "decision", outcome)
     client.set_tag(registered.run_id, "decision_reason", decision.reason)

@@ -12,11 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlflow.models import set_model
+import pandas as pd
+from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
 
 from ml.config import ModelConfig
 from ml.data import QAExample
+from ml.evaluate import generate_answers
+from ml.modeling import load_with_adapter
 from ml.prompt import PromptFormat
 
 PYFUNC_PARAMS = {"max_new_tokens": 128}
@@ -24,8 +29,6 @@ PYFUNC_PARAMS = {"max_new_tokens": 128}
 
 class LoraQAModel(PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
-        from ml.modeling import load_with_adapter
-
         conf = dict(context.model_config or {})
         base = context.artifacts.get("base_model") or conf["base_model"]
         self.fmt = PromptFormat(**conf["prompt_format"])
@@ -33,10 +36,8 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
                                 load_in_4bit=bool(conf.get("load_in_4bit", True)))
         self.model, self.tokenizer = load_with_adapter(model_cfg, Path(context.artifacts["adapter"]))
 
-    # No type hints: MLflow would derive a schema from them; the explicit signature() is the contract.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        from ml.evaluate import generate_answers
-
+    # A DataFrame hint, from which MLflow infers no schema: the explicit signature() is the contract.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         params = {**PYFUNC_PARAMS, **(params or {})}
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
         examples = []
@@ -50,11 +51,7 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
         return generate_answers(self.model, self.tokenizer, examples, self.fmt, int(params["max_new_tokens"]))
 
 
-def signature() -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
+def signature() -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "QUESTION"),
                        ColSpec(Array(DataType.string), "CONTEXTS", required=False)]),

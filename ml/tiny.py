@@ -13,6 +13,10 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from ml.data import QAExample
 from ml.prompt import ALPACA_TEMPLATE, PromptFormat, user_input
 
@@ -41,10 +45,6 @@ def build_tiny_model(examples: list[QAExample], out_dir: Path, fmt: PromptFormat
                      vocab_size: int = 2048, hidden_size: int = 64, num_layers: int = 2,
                      seed: int = 0) -> Path:
     """Write tokenizer + randomly initialised Llama to `out_dir` (idempotent for the same inputs)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -22,16 +22,22 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
 from ml.config import PipelineConfig
 from ml.data import assign_split, normalize_question, to_example
+from ml.expectations import ExpectColumnValuesToHaveScriptShare
+from ml.modeling import load_tokenizer
+from ml.prompt import PromptFormat, token_lengths
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 log = logging.getLogger(__name__)
 
 FAMILIES = ("schema", "content", "uniqueness", "language", "privacy", "fit", "size", "splits")
@@ -130,8 +136,6 @@ def _bag(norm: str | None) -> str | None:
 
 
 def build_frame(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None) -> Any:
-    import pandas as pd
-
     # object dtype: values keep their own Python types (the schema checks look at them row by row),
     # and None stays None in derived columns (GX map expectations skip nulls).
     df = pd.DataFrame(list(records), columns=["key", *TEXT_COLUMNS], dtype=object)
@@ -161,8 +165,6 @@ def build_frame(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenize
 
 
 def _token_counts(df: Any, cfg: PipelineConfig, tokenizer: Any) -> list[int | None]:
-    from ml.prompt import PromptFormat, token_lengths
-
     cols = zip(df["key"], df["QUESTION__text"], df["CONTEXTS"], df["CONTEXTS__text"], df["LONG_ANSWER__text"],
                strict=True)
     rows = [{"key": k, "QUESTION": q, "CONTEXTS": c, "LONG_ANSWER": a} if None not in (q, ct, a) else None
@@ -174,11 +176,6 @@ def _token_counts(df: Any, cfg: PipelineConfig, tokenizer: Any) -> list[int | No
 # ---------------------------------------------------------------- the suite
 
 def build_suite(cfg: PipelineConfig, with_fit: bool) -> Any:
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
-    from ml.expectations import ExpectColumnValuesToHaveScriptShare
-
     v = cfg.validation
     exps: list[Any] = []
 
@@ -236,11 +233,13 @@ def _check_result(res: Any) -> CheckResult:
     return CheckResult(conf.meta.get("family", "?"), conf.type, column, bool(res.success), message, keys)
 
 
+def gate_tokenizer(cfg: PipelineConfig) -> Any:
+    """The base model's tokenizer for the fit check (no weights are loaded), or None without the check."""
+    return load_tokenizer(cfg.model) if cfg.validation.check_fit else None
+
+
 def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None = None) -> ValidationReport:
     """Run the suite; `tokenizer` (the base model's) enables the fit check."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     with_fit = cfg.validation.check_fit and tokenizer is not None
     frame = build_frame(records, cfg, tokenizer if with_fit else None)
     context = gx.get_context(mode="ephemeral")

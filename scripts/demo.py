@@ -66,7 +66,7 @@ def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
 
     from ml.config import config_from_params
-    from ml.pipeline import run_paths
+    from ml.runs import run_paths
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     if bag.import_errors:

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,20 @@ registry:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def trained_run(tmp: Path, **overrides: Any) -> tuple[Any, Any, Any]:
+    """(config, run folder, TrainResult) of a real training of the tiny model: the e2e profile + overrides."""
+    from ml import pipeline
+    from ml.config import load_config
+    from ml.train import TrainResult
+
+    cfg = load_config("e2e", {"output_dir": str(tmp), **overrides})
+    paths = pipeline.run_paths(cfg, "t")
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    pipeline.train(cfg, paths)
+    return cfg, paths, TrainResult.read(paths.train)
 
 
 @pytest.fixture(scope="session")

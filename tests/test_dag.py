@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from ml.config import PARAM_PATHS, available_profiles
+from ml.config import PARAM_PATHS, available_profiles, field_schema
 
 
 @pytest.fixture()
@@ -41,6 +41,17 @@ def test_params_form_covers_the_knobs(dag: Any) -> None:
     assert set(profile.schema["enum"]) == set(available_profiles())
     lr = params.get_param("learning_rate")
     assert lr.value is None and lr.schema["type"] == ["null", "number"]
+
+
+def test_params_descriptions_and_bounds_come_from_the_config_fields(dag: Any) -> None:
+    from ml.config import TrainConfig
+
+    lr, r = dag.params.get_param("learning_rate"), dag.params.get_param("lora_r")
+    assert lr.description == TrainConfig.model_fields["learning_rate"].description
+    assert lr.schema["minimum"] == 0  # the field's ge=0: learning rate 0 is a valid (no-op) run
+    assert r.schema["exclusiveMinimum"] == 0 and dag.params.get_param("max_steps").schema["minimum"] == -1
+    for name, dotted in PARAM_PATHS.items():
+        assert dag.params.get_param(name).description == field_schema(dotted)["description"], name
 
 
 def test_tasks_are_thin_and_import_nothing_heavy_at_parse_time() -> None:

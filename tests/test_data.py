@@ -9,7 +9,6 @@ from conftest import PQAL, SAMPLE
 
 from ml.config import DataConfig
 from ml.data import (
-    DataError,
     QAExample,
     assign_split,
     fingerprint,
@@ -20,6 +19,7 @@ from ml.data import (
     split_examples,
     to_example,
 )
+from ml.errors import DataError
 
 ROWS = [
     {"PMID": "1", "QUESTION": "질문 하나?", "CONTEXTS": ["맥락 가", "맥락 나"], "LONG_ANSWER": "답 하나."},

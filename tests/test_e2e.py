@@ -108,6 +108,17 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
 
 
+def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:
+    from ml import pipeline
+    from ml.config import load_config
+
+    run_key = client.get_run(_versions(client)["3"].run_id).data.tags["pipeline.run_key"]
+    cfg = load_config("e2e-lr0")
+    with pytest.raises(RuntimeError, match="version 3 was not chosen for promotion"):
+        pipeline.promote(cfg, pipeline.run_paths(cfg, run_key))
+    assert _alias(client, "champion") == "2" and _versions(client)["3"].tags["decision"] == "rejected"
+
+
 def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
         retrain_dag: Any, client: Any, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]

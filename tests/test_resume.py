@@ -14,6 +14,7 @@ import pytest
 
 from ml import pipeline
 from ml.config import load_config
+from ml.errors import TrainingFailed
 from ml.train import TrainResult
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_a_failing_training_process_fails_the_step_with_its_output(tmp_path: Pat
     paths = pipeline.run_paths(cfg, "broken")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
-    with pytest.raises(pipeline.TrainingFailed, match="exited with code 2") as err:  # 2: unusable input
+    with pytest.raises(TrainingFailed, match="exited with code 2") as err:  # 2: unusable input
         pipeline.train(cfg, paths)
     assert "cannot load tokenizer" in str(err.value) and "no-model" in str(err.value)
 

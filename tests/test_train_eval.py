@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import trained_run as _trained
 
-from ml import pipeline
-from ml.config import PipelineConfig, load_config
+from ml.config import load_config
 from ml.data import read_split
 from ml.evaluate import evaluate_model, token_loss
-from ml.modeling import load_with_adapter
+from ml.modeling import load_with_adapter, lora_config
 from ml.prompt import PromptFormat, encode_all
-from ml.train import TrainResult, lora_config
+from ml.train import TrainResult
 
 pytestmark = pytest.mark.slow
-
-
-def _trained(tmp: Path, **overrides: Any) -> tuple[PipelineConfig, pipeline.RunPaths, TrainResult]:
-    cfg = load_config("e2e", {"output_dir": str(tmp), **overrides})
-    paths = pipeline.run_paths(cfg, "t")
-    pipeline.load(cfg, paths)
-    pipeline.prepare(cfg, paths)
-    pipeline.train(cfg, paths)
-    return cfg, paths, TrainResult.read(paths.train)
 
 
 @pytest.fixture(scope="module")
@@ -99,211 +89,7 @@ def test_top_k_layers_scope() -> None:
     assert lora_config(load_config("pubmedqa-ko-llama31-8b"), 32).layers_to_transform is None
 
 
-def test_kept_layers_skip_the_recompute_and_give_the_same_gradients(tiny_model: Path) -> None:
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from ml.train import keep_activations
-
-    def step(keep: int) -> tuple[list[int], dict[str, torch.Tensor]]:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, lora_config(load_config("e2e"), model.config.num_hidden_layers))
-        model.enable_input_require_grads()
-        model.train()
-        layers = list(model.base_model.model.model.layers)
-        calls = [0] * len(layers)
-        for i, layer in enumerate(layers):  # a pre-hook: the recompute stops early, before forward hooks
-            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-        assert len(keep_activations(model, keep)) == keep
-        x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-        model(input_ids=x, labels=x).loss.backward()
-        return calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    all_checkpointed, grads = step(0)
-    assert all_checkpointed == [2, 2]  # forward + recompute in the backward pass
-    last_kept, grads_kept = step(1)
-    assert last_kept == [2, 1]
-    assert grads.keys() == grads_kept.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(grads_kept[name], g, msg=name)
-
-
-def test_selective_checkpointing_is_applied_at_train_begin_and_only_by_unsloth(
-        tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from ml.train import _selective_checkpointing_callback
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model.gradient_checkpointing_enable()  # as the Trainer does before on_train_begin
-    with caplog.at_level(logging.INFO, logger="ml.train"):
-        _selective_checkpointing_callback(1).on_train_begin(None, None, None, model=model)
-    first, last = model.model.layers
-    assert last._gradient_checkpointing_func is not first._gradient_checkpointing_func
-    assert "selective checkpointing: 1 decoder layers keep their activations" in caplog.text
-
-    caplog.clear()  # the hf backend (here, on the CPU) leaves every layer checkpointed, and says so
-    with caplog.at_level(logging.INFO, logger="ml.train"):
-        _trained(tmp_path, **{"train.max_steps": 2, "eval.eval_steps": 100, "train.isolate": False,
-                              "train.uncheckpointed_layers": 1})
-    assert "uncheckpointed_layers=1 is for the unsloth backend" in caplog.text
-    assert "selective checkpointing:" not in caplog.text
-
-
-def test_tokens_and_loss_positions_are_read_on_the_host(tiny_model: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from ml.train import LABEL_POSITIONS, HostCollator
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id or 0)
-    rows = [{"input_ids": list(range(5, 5 + n))} for n in (3, 7, 5)]
-    counter = HostCollator(collate)
-    batch = counter(rows)
-    assert counter.tokens == 15 and batch["input_ids"].shape == (3, 7)  # 21 positions, 6 of them padding
-    torch.testing.assert_close(batch["input_ids"], collate(rows)["input_ids"])  # the batch itself is untouched
-    assert LABEL_POSITIONS not in batch
-    counter(rows[:1])
-    assert counter.tokens == 18
-
-    labelled = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
-    batch = HostCollator(collate, label_positions=True)(labelled)
-    # row x 4 + column of each position whose next token is labelled (padding is labelled -100)
-    assert batch[LABEL_POSITIONS].tolist() == [1, 2, 4]
-    assert batch["labels"].reshape(-1)[batch[LABEL_POSITIONS] + 1].tolist() == [7, 8, 6]
-
-
-def test_padding_batches_to_multiples_of_64_changes_no_loss(tiny_model: Path) -> None:
-    """The seed profile pads to multiples of 64 (a few batch shapes, not one per batch):
-    right padding is masked and unlabelled, so the loss and its gradients stay the same."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist()} for n in (9, 30, 17)]
-    losses, grads = [], []
-    for multiple in (None, 64):
-        batch = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=multiple)(rows)
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(model.model.embed_tokens.weight.grad.clone())
-        assert batch["input_ids"].shape == (3, 30 if multiple is None else 64)
-    torch.testing.assert_close(losses[1], losses[0])
-    torch.testing.assert_close(grads[1], grads[0])
-
-
-def test_training_speed_leaves_out_evaluation_and_checkpoint_saving() -> None:
-    import time
-    from types import SimpleNamespace
-
-    from ml.train import HostCollator, _speed_callback
-
-    counter = HostCollator(lambda rows: rows)
-    speed = _speed_callback(counter)
-    state = SimpleNamespace(global_step=0)
-    for step in range(1, 9):
-        counter.tokens += 100  # one optimizer step's batches
-        state.global_step = step
-        speed.on_step_end(None, state, None)
-        if step == 4:  # the evaluation collates its own batches and takes a while; then a checkpoint
-            counter.tokens += 5000
-            time.sleep(0.3)
-            speed.on_evaluate(None, state, None)
-            time.sleep(0.2)
-            speed.on_save(None, state, None)
-    tokens = [m[2] for m in speed.marks]
-    assert tokens == [100 * s for s in range(1, 9)]
-    assert speed.paused_s >= 0.5 and speed.paused_tokens == 5000
-    assert max(b[1] - a[1] for a, b in zip(speed.marks, speed.marks[1:], strict=False)) < 0.3
-
-
-def test_the_loss_head_is_trls_only_where_its_kernel_runs() -> None:
-    from ml.train import resolve_loss_head
-
-    assert resolve_loss_head("auto", cuda=True) == "trl"
-    assert resolve_loss_head("auto", cuda=False) == "model"  # TRL's head is a Triton kernel
-    assert resolve_loss_head("model", cuda=True) == "model"
-    assert resolve_loss_head("trl", cuda=False) == "model"
-
-
-def test_fused_head_metrics_kept_on_the_device_are_logged_as_numbers(tiny_model: Path, tmp_path: Path) -> None:
-    import torch
-    from datasets import Dataset
-
-    from ml.train import _load_hf, _sft_args, _sft_trainer_cls
-
-    cfg = load_config("e2e", {"model.base_model": str(tiny_model), "output_dir": str(tmp_path)})
-    model, tokenizer, peft_config = _load_hf(cfg)
-    rows = Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
-    trainer = _sft_trainer_cls("trl")(model=model, args=_sft_args(cfg, "hf", tmp_path, False, False, evaluate=False),
-                                      train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
-    trainer.model.train()
-    trainer._metrics["train"]["mean_token_accuracy"] += [torch.tensor(0.25), torch.tensor(0.75)]
-    trainer.log({"loss": 1.5})
-    logged = trainer.state.log_history[-1]
-    assert logged["mean_token_accuracy"] == 0.5 and isinstance(logged["mean_token_accuracy"], float)
-    json.dumps(trainer.state.log_history)  # what log_history.json and MLflow receive
-
-
 def test_training_without_validation_rows_skips_the_periodic_evaluation(tiny_model: Path, tmp_path: Path) -> None:
     _, paths, result = _trained(tmp_path, **{"data.val_fraction": 0.0, "train.max_steps": 2, "train.isolate": False})
     assert read_split(paths.splits, "validation") == []
     assert result.global_step == 2 and result.eval_loss is None
-
-
-def test_the_cuda_loss_head_on_host_found_positions_equals_the_models_own_loss(
-        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the training loss runs TRL's LM-head kernel on the labelled positions that the
-    collator found on the host (no boolean-mask pick on the GPU, which waits for it). Here the
-    kernel, a Triton program, is replaced by the same maths in torch; the rest is the real
-    trainer, collator and model."""
-    import sys
-    import types
-
-    import torch
-    from datasets import Dataset
-    from transformers import Trainer
-
-    from ml.train import LABEL_POSITIONS, HostCollator, _load_hf, _sft_args, _sft_trainer_cls
-
-    def kernel(hidden: Any, weight: Any, bias: Any, targets: Any, *_: Any) -> tuple[Any, ...]:
-        logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, targets[:, None])[:, 0], entropy, None, None, logp.argmax(-1) == targets
-
-    monkeypatch.setitem(sys.modules, "trl.kernels", types.SimpleNamespace(
-        ChunkedLogProbFunction=types.SimpleNamespace(apply=kernel)))
-    cfg = load_config("e2e", {"model.base_model": str(tiny_model), "output_dir": str(tmp_path)})
-    model, tokenizer, peft_config = _load_hf(cfg)
-    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * (n - k) + list(range(5 + n - k, 5 + n))}
-            for n, k in ((9, 4), (5, 2), (12, 7))]  # prompt tokens unlabelled, right padding to 12
-    trainer = _sft_trainer_cls("trl")(model=model, args=_sft_args(cfg, "hf", tmp_path, False, False, evaluate=False),
-                                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                      peft_config=peft_config)
-    trainer.model.train()
-    batch = HostCollator(trainer.data_collator, label_positions=True)(rows)
-    lora = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
-
-    def loss_and_grad(compute: Any, inputs: dict[str, Any], items: Any) -> tuple[float, Any]:
-        lora.grad = None
-        loss = compute(trainer.model, inputs, num_items_in_batch=items)
-        loss.backward()
-        return float(loss.detach()), lora.grad.clone()
-
-    for items in (None, torch.tensor(20)):
-        ours, ours_grad = loss_and_grad(trainer.compute_loss, dict(batch), items)
-        plain = {k: v for k, v in batch.items() if k != LABEL_POSITIONS}
-        own, own_grad = loss_and_grad(lambda *a, **k: Trainer.compute_loss(trainer, *a, **k), plain, items)
-        assert ours == pytest.approx(own, rel=1e-5)
-        torch.testing.assert_close(ours_grad, own_grad, rtol=1e-4, atol=1e-7)
-    accuracy = trainer._metrics["train"]["mean_token_accuracy"]
-    assert len(accuracy) == 2 and 0.0 <= float(accuracy[-1]) <= 1.0  # the fused path ran, twice

@@ -1,0 +1,328 @@
+"""The trainer's speed machinery: each part switched on by a config key, none changing an update.
+
+The recipe (ml/train.py) builds TRL's SFTTrainer with these parts:
+
+  HostCollator            wraps the data collator: counts non-padding tokens on the host and, for
+                          the fused loss head, finds the labelled positions there
+  SpeedMeter              callback: step, loss, tokens/s and GPU memory in the log, leaving out
+                          evaluation and checkpoint time
+  selective_checkpointing train.uncheckpointed_layers: the last N decoder layers keep their
+                          activations instead of recomputing them (faster, more memory)
+  ProjectSFTTrainer       train.loss_head: TRL's fused LM head on the host-found positions, its
+                          metrics read from the GPU once per logging step
+  loop_args               SFTConfig fields that keep the loop from waiting for the GPU
+
+At the seed's shape (3 x 512) the loop is paced by the host, so every time the host waits for the
+GPU, the GPU then waits for the host: most of what is here removes such waits.
+
+TRL and transformers internals (private, or undocumented and free to change between releases) are
+used here and nowhere else in the project. `INTERNALS` lists them, and `missing_internals` (run by
+tests/test_speed.py) names any that an upgrade removed or renamed.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
+from trl import SFTTrainer  # Unsloth's subclass when Unsloth was imported first (ml.backend)
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS_UNTIMED = 2  # the first steps build kernels and warm allocators: not counted in speed
+LABEL_POSITIONS = "label_positions"  # the batch key of HostCollator's loss positions
+
+# Module-level internals: (module, name) -> what this module uses it for.
+INTERNALS: dict[tuple[str, str], str] = {
+    ("trl.kernels", "ChunkedLogProbFunction"): "TRL's fused LM-head kernel (Triton), the loss of loss_head=trl",
+    ("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE"): "the chunk size TRL's own fused forward gives that kernel",
+    ("transformers.modeling_layers", "GradientCheckpointingLayer"): "the decoder layers that checkpoint",
+}
+# Attributes of live objects: an SFTTrainer, and a decoder layer with checkpointing switched on.
+TRAINER_INTERNALS = {
+    "_metrics": "SFTTrainer's per-micro-batch metrics, averaged at each log (read here once per log)",
+    "aux_loss_enabled": "SFTTrainer's switch for a router loss, which the fused head does not add",
+}
+LAYER_CHECKPOINT_FUNCTION = "_gradient_checkpointing_func"  # replaced by selective checkpointing
+LAYER_INTERNALS = {LAYER_CHECKPOINT_FUNCTION: "a decoder layer's checkpoint function"}
+
+
+def internal(module: str, name: str) -> Any:
+    """One of `INTERNALS`, imported where it is used; an upgrade that removed it fails here, named."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"{module}.{name} is gone from the installed version ({exc}); ml/speed.py uses it "
+                           f"as {INTERNALS[(module, name)]}. Pin the version in requirements/constraints.txt "
+                           "or switch the option off.") from exc
+
+
+def _defines(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or module == exc.name or module.startswith(exc.name + "."):
+            return False  # the module itself is gone
+    # It imports what this machine lacks (Triton, without CUDA): read its source instead.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return False
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return name in names
+
+
+def missing_internals(trainer: Any, layer: Any) -> list[str]:
+    """Each internal the installed TRL/transformers lack, as "name: what it is used for"."""
+    missing = [f"{m}.{n}: {why}" for (m, n), why in INTERNALS.items() if not _defines(m, n)]
+    for obj, names in ((trainer, TRAINER_INTERNALS), (layer, LAYER_INTERNALS)):
+        missing += [f"{type(obj).__name__}.{n}: {why}" for n, why in names.items() if not hasattr(obj, n)]
+    return missing
+
+
+def peak_gpu_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def loop_args(cuda: bool) -> dict[str, Any]:
+    """SFTConfig fields that keep the training loop from waiting for the GPU."""
+    return {
+        # Both cost a device->host sync per micro-batch: tokens are counted on the host
+        # (HostCollator), and a NaN/inf loss is logged as it is rather than replaced.
+        "include_num_input_tokens_seen": "no",
+        "logging_nan_inf_filter": False,
+        # A plain copy of a batch to the GPU waits for all queued GPU work first; from pinned
+        # memory it runs without blocking, so the host goes on queueing the next micro-batch.
+        "dataloader_pin_memory": cuda,
+        "accelerator_config": {"non_blocking": cuda},
+    }
+
+
+class HostCollator:
+    """Wraps the data collator: what the loop needs to know of a batch, read on the host as it is built.
+
+    The non-padding tokens (throughput) and, with `label_positions`, where the loss is taken:
+    the flat index (row x length + column) of each position whose next token is labelled.
+    Read from the GPU instead, each costs a wait for all queued GPU work, once per micro-batch.
+    """
+
+    def __init__(self, collate: Any, label_positions: bool = False) -> None:
+        self.collate = collate
+        self.label_positions = label_positions
+        self.tokens = 0
+
+    def __call__(self, features: Any) -> Any:
+        batch = self.collate(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if self.label_positions:
+            labels = batch["labels"]
+            rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+            batch[LABEL_POSITIONS] = rows * labels.shape[1] + cols
+        return batch
+
+
+class SpeedMeter(TrainerCallback):  # type: ignore[misc]
+    """Logs step, loss, tokens/s and GPU memory each logging step; keeps timings for the result.
+
+    Evaluation and checkpoint saving are paused out: the speed is the training loop's.
+    """
+
+    def __init__(self, counter: HostCollator) -> None:
+        self.counter = counter
+        self.marks: list[tuple[int, float, int]] = []  # (step, training time, training tokens)
+        self.t0 = self.last = time.perf_counter()
+        self.last_tokens = 0
+        self.paused_s, self.paused_tokens = 0.0, 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.last, self.last_tokens = time.perf_counter(), self.counter.tokens
+        self.marks.append((state.global_step, self.last - self.paused_s, self.last_tokens - self.paused_tokens))
+
+    def _pause(self) -> None:
+        now = time.perf_counter()
+        self.paused_s += now - self.last
+        self.paused_tokens += self.counter.tokens - self.last_tokens
+        self.last, self.last_tokens = now, self.counter.tokens
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._pause()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._pause()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        logs = logs or {}
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{key}={logs[key]:.4g}" for key in ("loss", "eval_loss", "learning_rate", "grad_norm")
+                  if key in logs]
+        speed, gib = self.tokens_per_s(), peak_gpu_gib()
+        if speed:
+            parts.append(f"tokens/s={speed:.0f}")
+        if gib is not None:
+            parts.append(f"gpu_mem_peak={gib:.1f}GiB")
+        parts.append(f"elapsed={time.perf_counter() - self.t0:.1f}s")
+        log.info(" ".join(parts))
+
+    def _timed(self) -> list[tuple[int, float, int]]:
+        return self.marks[WARMUP_STEPS_UNTIMED:] if len(self.marks) > WARMUP_STEPS_UNTIMED + 1 else []
+
+    def tokens_per_s(self) -> float | None:
+        m = self._timed()
+        return (m[-1][2] - m[0][2]) / (m[-1][1] - m[0][1]) if m and m[-1][1] > m[0][1] else None
+
+    def step_s(self) -> float | None:
+        """Median optimizer-step time."""
+        m = self._timed()
+        gaps = sorted(b[1] - a[1] for a, b in zip(m, m[1:], strict=False))
+        return gaps[len(gaps) // 2] if gaps else None
+
+
+def _run_directly(function: Any, *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
+
+
+def keep_activations(model: Any, num_layers: int) -> list[str]:
+    """Selective activation checkpointing: the last `num_layers` decoder layers skip the recompute.
+
+    Their checkpoint function becomes a plain call, so they keep their activations for the
+    backward pass whatever the checkpointing flags say. Returns the names of the layers changed.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = layers[len(layers) - min(num_layers, len(layers)):] if num_layers else []
+    for _, layer in chosen:
+        setattr(layer, LAYER_CHECKPOINT_FUNCTION, _run_directly)
+    return [n for n, _ in chosen]
+
+
+class SelectiveCheckpointing(TrainerCallback):  # type: ignore[misc]
+    """Applies `keep_activations` at train begin: the model is final by then (Unsloth re-sets its
+    checkpointing on every `train()`), so nothing installs the recompute again after it."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        names = keep_activations(model, self.num_layers)
+        log.info("selective checkpointing: %d decoder layers keep their activations (%s .. %s)",
+                 len(names), names[0] if names else "-", names[-1] if names else "-")
+
+
+def selective_checkpointing(num_layers: int, checkpointing: str, backend: str) -> list[TrainerCallback]:
+    """The callback for `train.uncheckpointed_layers`, where it applies (checkpointing on, unsloth)."""
+    if not num_layers or checkpointing == "false":
+        return []
+    if backend != "unsloth":  # transformers' layers keep several times Unsloth's activations
+        log.info("train.uncheckpointed_layers=%d is for the unsloth backend; the hf backend keeps more "
+                 "activations per layer, so it checkpoints every layer", num_layers)
+        return []
+    return [SelectiveCheckpointing(num_layers)]
+
+
+def resolve_loss_head(requested: str, cuda: bool) -> str:
+    """"auto": TRL's fused head wherever its Triton kernel runs (CUDA), the model's own loss elsewhere."""
+    if requested == "trl" and not cuda:
+        log.warning("train.loss_head=trl needs CUDA (TRL's head is a Triton kernel); using the model's own loss")
+    if requested == "model" or not cuda:
+        return "model"
+    return "trl"
+
+
+def _causal_lm(model: Any) -> Any:
+    """The causal LM inside a peft wrapper (with its LoRA layers), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_logits(causal_lm: Any) -> bool:
+    """Log-probs straight from the LM head: no logit scaling or softcapping (Llama, Qwen, EXAONE)."""
+    text = causal_lm.config.get_text_config()
+    return all(getattr(text, key, None) is None for key in (
+        "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+
+
+class ProjectSFTTrainer(SFTTrainer):  # type: ignore[misc]
+    """SFTTrainer whose training loss runs where `loss_head` says.
+
+    "trl": TRL's fused LM head kernel on the positions HostCollator found, its metrics kept on
+    the GPU until a logging step. "model": the model's own forward with labels, as `Trainer`
+    does. The same per-token NLL over the same labels either way.
+    """
+
+    def __init__(self, *args: Any, loss_head: str = "model", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_head = loss_head
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        positions = inputs.pop(LABEL_POSITIONS, None)
+        if self.loss_head == "model":
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        if (return_outputs or not model.training or positions is None or "shift_labels" in inputs
+                or not self._plain_nll_setup):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self._fused_head_loss(model, inputs, positions, num_items_in_batch)
+
+    @functools.cached_property
+    def _plain_nll_setup(self) -> bool:
+        # Fixed for a trainer, so read once rather than on every micro-batch: a plain next-token
+        # NLL in one process on a model whose log-probs come straight from its head.
+        return bool(self.args.loss_type == "nll" and not self.aux_loss_enabled and self.compute_loss_func is None
+                    and self.label_smoother is None and self.accelerator.num_processes == 1
+                    and _plain_logits(_causal_lm(self.accelerator.unwrap_model(self.model))))
+
+    @functools.cached_property
+    def _logprob_kernel(self) -> tuple[Any, int]:
+        """TRL's kernel and the chunk size its own forward gives it, looked up at the first micro-batch."""
+        return (internal("trl.kernels", "ChunkedLogProbFunction"),
+                internal("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE"))
+
+    def _fused_head_loss(self, model: Any, inputs: Any, positions: Any, num_items_in_batch: Any) -> Any:
+        # TRL's own fused forward picks the labelled positions on the GPU with boolean masks, and
+        # each pick (two in forward, two in backward) makes the host wait for the GPU.
+        causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        head = causal_lm.get_output_embeddings()
+        kernel, chunk_size = self._logprob_kernel
+        with self.accelerator.autocast():  # as the model's own forward runs under mixed precision
+            hidden = getattr(causal_lm, causal_lm.base_model_prefix)(**features, use_cache=False)
+            hidden = hidden.last_hidden_state
+            log_probs, entropy, _, _, is_top1 = kernel.apply(
+                hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions), head.weight, head.bias,
+                inputs["labels"].reshape(-1).index_select(0, positions + 1), 1.0,
+                chunk_size, None, 1.0, ("log_probs", "entropy", "is_top1"))
+        labelled = max(len(positions), 1)
+        num = labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).clamp(min=1)
+        loss = -log_probs.sum() / num
+        self._metrics["train"]["entropy"].append(entropy.detach().sum() / labelled)
+        self._metrics["train"]["mean_token_accuracy"].append(is_top1.sum() / labelled)
+        return loss
+
+    def floating_point_ops(self, inputs: Any) -> int:
+        # Trainer recounts the parameters (a walk over every module) on each micro-batch for its
+        # FLOPs log; the count does not change during training.
+        if not hasattr(self, "_flops_params"):
+            self._flops_params = super().floating_point_ops({"input_ids": torch.empty(1)})
+        return int(self._flops_params * inputs["input_ids"].numel())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for values in self._metrics["train"].values():  # one read from the GPU per logging step
+            if values and isinstance(values[0], torch.Tensor):
+                values[:] = torch.stack(values).tolist()
+        super().log(logs, start_time)
