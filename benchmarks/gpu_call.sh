@@ -3,8 +3,10 @@
 # the benchmark lines of a plan file in order, each in its own process (Unsloth
 # patches transformers globally). Lines: `anchor VARIANT` runs ../shared's
 # reference (carried in .gpu-bundle/), `train ARGS...` runs benchmarks/train_gpu.py,
+# `baseline ARGS...` the same script of an earlier commit, exported to .baseline/
+# (`mkdir .baseline && git archive COMMIT ml benchmarks | tar -x -C .baseline`, carried too),
 # `bench SCRIPT ARGS...` another script in benchmarks/, `run CMD...` any command.
-#   bash benchmarks/gpu_call.sh benchmarks/plans/final.txt     (carry: .gpu-bundle)
+#   bash benchmarks/gpu_call.sh benchmarks/plans/regression_vs_baseline.txt   (carry: .gpu-bundle .baseline)
 # Each line's output goes to $OUT/NN.log; RESULT lines are collected in $OUT/results.jsonl.
 set -uo pipefail
 plan=${1:?usage: gpu_call.sh PLAN}
@@ -20,6 +22,7 @@ while read -r kind rest; do
   case "$kind" in
     anchor) python3 .gpu-bundle/anchor_bench.py $rest > "$log" 2>&1 ;;
     train) python3 benchmarks/train_gpu.py $rest > "$log" 2>&1 ;;
+    baseline) (cd .baseline && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/train_gpu.py $rest) > "$log" 2>&1 ;;
     bench) python3 benchmarks/$rest > "$log" 2>&1 ;;
     run) bash -c "$rest" > "$log" 2>&1 ;;
     *) echo "unknown plan line: $kind $rest"; continue ;;

@@ -21,9 +21,9 @@ Here every phase shares the process, the Unsloth model and the host. Phases:
       reference's work; +pubmedqa: PubMedQA-Ko-like rows); options name config overrides
       (`--set`-style, KEY=VALUE) or: syncs (count synchronisations), blocking (inputs copied
       to the GPU with a synchronising copy), noamp (no autocast: Unsloth's own switch,
-      UNSLOTH_MIXED_PRECISION=bfloat16, makes its trainer leave accelerate's bf16 autocast off),
-      trlmask (the loss through TRL's own fused forward, which picks the labelled positions
-      with boolean masks, as the project did before)
+      UNSLOTH_MIXED_PRECISION=bfloat16, makes its trainer leave accelerate's bf16 autocast off)
+      (Its `trlmask` option, the loss through TRL's own boolean-mask forward, answered its
+      question in docs/benchmarks.md and went; it is in git history at commit fcba487.)
 
 Prints one RESULT line per phase and writes $OUT/loop_ab.jsonl. The first phase pays the
 one-off kernel builds; run a throw-away phase first when that matters.
@@ -127,20 +127,6 @@ def ref_phase(model: Any, opts: set[str], warm: int = 3, steps: int = 20) -> dic
             "step_s_spread": [round(min(times), 4), round(max(times), 4)], **report}
 
 
-def boolean_mask_head(self: Any, model: Any, inputs: Any, positions: Any, num_items_in_batch: Any) -> Any:
-    """The project's training loss before: TRL's own fused forward, metrics kept on the device."""
-    import torch
-
-    out = model(**inputs, use_cache=False, fused_lm_head=True)
-    labelled = out.label_mask.sum()
-    num = labelled if num_items_in_batch is None else num_items_in_batch
-    loss = -out.log_probs.sum() / torch.as_tensor(num).clamp(min=1)
-    valid = labelled.clamp(min=1)
-    self._metrics["train"]["entropy"].append(out.entropy.detach().sum() / valid)
-    self._metrics["train"]["mean_token_accuracy"].append(out.is_top1.sum() / valid)
-    return loss
-
-
 def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps: int,
                model_path: str, backend: str) -> dict[str, Any]:
     import ml.train as mt
@@ -156,22 +142,17 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
                              # the one evaluation at the last step, inside training: one after it
                              # would cast the model to bf16 (Unsloth sets bf16_full_eval)
                              "eval.eval_steps": max_steps, "output_dir": str(work), **overrides})
-    loader = "_load_unsloth" if backend == "unsloth" else "_load_hf"
-    original_load, original_args, original_cls = getattr(mt, loader), mt._sft_args, mt._sft_trainer_cls
+    original_load, original_args = mt.load_for_training, mt.sft_config
 
-    def sft_args(*args: Any, **kwargs: Any) -> Any:
+    def sft_config(*args: Any, **kwargs: Any) -> Any:
         out = original_args(*args, **kwargs)
         if "blocking" in opts:
             out.accelerator_config.non_blocking = False
         return out
 
-    def trainer_cls(loss_head: str) -> Any:
-        cls = original_cls(loss_head)
-        return type("BooleanMaskHead", (cls,), {"_fused_head_loss": boolean_mask_head}) if "trlmask" in opts else cls
-
-    setattr(mt, loader, lambda cfg: loaded)
-    mt._sft_args = sft_args  # type: ignore[assignment]
-    mt._sft_trainer_cls = trainer_cls  # type: ignore[assignment]
+    # The recipe's own seams: the one loaded model instead of a fresh load, and its trainer config.
+    mt.load_for_training = lambda cfg, backend: loaded  # type: ignore[assignment]
+    mt.sft_config = sft_config  # type: ignore[assignment]
     precision = os.environ.get("UNSLOTH_MIXED_PRECISION")
     if "noamp" in opts:
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
@@ -179,8 +160,7 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
         out = Path(tempfile.mkdtemp(dir=work))
         result = mt.train(cfg, splits, out, callbacks=callbacks)
     finally:
-        setattr(mt, loader, original_load)
-        mt._sft_args, mt._sft_trainer_cls = original_args, original_cls
+        mt.load_for_training, mt.sft_config = original_load, original_args  # type: ignore[assignment]
         if precision is not None:
             os.environ["UNSLOTH_MIXED_PRECISION"] = precision
     history = json.loads(Path(result.log_history).read_text())
@@ -208,13 +188,14 @@ def write_splits(work: Path) -> None:
 
 
 WRAPPERS = ("forward", "_original_forward")  # the forwards accelerate (autocast) and TRL (fused head) install
-CHECKPOINT_FUNCTION = "_gradient_checkpointing_func"  # per decoder layer; train.uncheckpointed_layers replaces it
 
 
 def forward_attributes(model: Any) -> list[tuple[Any, dict[str, Any]]]:
     """The instance-level attributes that a phase may replace on the model and its decoder layers,
     saved before the first phase and restored after each, so that no phase runs inside another's changes."""
     from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ml.speed import LAYER_CHECKPOINT_FUNCTION as CHECKPOINT_FUNCTION  # selective checkpointing replaces it
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     return [(o, {k: o.__dict__[k] for k in (*WRAPPERS, CHECKPOINT_FUNCTION) if k in o.__dict__})
@@ -239,19 +220,21 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("ml").setLevel(logging.INFO)
 
-    import ml.train as mt
+    from ml.backend import pick_backend
     from ml.config import load_config
+    from ml.modeling import load_for_training
 
+    pick_backend(args.backend)  # Unsloth first, before the recipe and transformers
     work = Path(tempfile.mkdtemp(prefix="loop-ab-"))
     write_splits(work)
     t = time.perf_counter()
     cfg = load_config(SEED, {"model.base_model": args.model})
     if args.backend == "unsloth":
-        loaded = mt._load_unsloth(cfg)
+        loaded = load_for_training(cfg, "unsloth")
     else:  # wrap in LoRA here, as Unsloth does, so that every phase trains the same adapter
         from peft import get_peft_model
 
-        base, tokenizer, peft_config = mt._load_hf(cfg)
+        base, tokenizer, peft_config = load_for_training(cfg, "hf")
         loaded = (get_peft_model(base, peft_config), tokenizer, None)
     print(f"model loaded in {time.perf_counter() - t:.1f}s", flush=True)
     model = loaded[0]

@@ -247,9 +247,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tag = args.tag or args.variant
 
+    from ml.backend import pick_backend, train_here
     from ml.config import load_config, parse_overrides
     from ml.data import QAExample, write_jsonl
-    from ml.train import resolve_loss_head, train
 
     extra = parse_overrides(args.set)  # before any work: a malformed --set fails at once
 
@@ -262,6 +262,7 @@ def main() -> int:
     overrides = {"model.base_model": args.model, "train.max_steps": args.steps, "train.save_steps": 1000,
                  "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant][1], **extra}
     cfg = load_config(VARIANTS[args.variant][0], overrides)
+    pick_backend(cfg.train.backend)  # Unsloth before transformers, which the callbacks below import
     report: dict[str, object] = {}
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
     if args.train_mode_once:
@@ -272,10 +273,12 @@ def main() -> int:
         callbacks.append(sync_debug_callback(*map(int, args.sync_debug.split(":")), report))
     gc_timer = gc_timer_callback()
     callbacks.append(gc_timer)
-    result = train(cfg, work / "splits", work / "out", callbacks=callbacks)
+    result = train_here(cfg, work / "splits", work / "out", callbacks=callbacks)
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
     import torch
+
+    from ml.speed import resolve_loss_head
 
     res = {
         "variant": tag, "profile": VARIANTS[args.variant][0], "overrides": extra, "lengths": args.lengths,

@@ -5,6 +5,11 @@ The Airflow DAG calls these one per task; `python -m ml <step>` and
 reads what earlier steps wrote under the run folder (ml/runs.py) and writes its
 own result there as JSON, so a task can be retried, or run on another worker
 that shares the folder, without passing anything large through XCom.
+
+Each step imports the part of the ML stack it needs as it runs. An Airflow task
+is a process of its own: importing every domain module takes about 12 s on two
+cores (docs/benchmarks.md) where a step needs a part of it, and the CUDA worker's
+train step needs neither MLflow nor Great Expectations.
 """
 
 from __future__ import annotations
@@ -19,26 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ml.backend import train_here
 from ml.config import PipelineConfig
 from ml.data import Snapshot, read_snapshot, read_split, snapshot, split_examples, to_example, write_splits
 from ml.errors import GateFailed, TrainingFailed
-from ml.evaluate import evaluate_model, generate_answers
-from ml.modeling import load_with_adapter
-from ml.prompt import PromptFormat
-from ml.registry import (
-    Decision,
-    Registered,
-    champion,
-    decide,
-    log_and_register,
-    log_failed_validation,
-    promote_version,
-    reject_version,
-)
 from ml.runs import RunPaths, read_json, run_paths, write_json
-from ml.validate import gate_tokenizer
-from ml.validate import validate as run_gate
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +40,15 @@ def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -
     """The data-quality gate on the snapshot. On failure, with a run key, the reports are logged
     to MLflow as a run tagged failed (so reviewers see why a retrain did not happen) and
     `GateFailed` stops the pipeline: nothing is trained or registered."""
+    from ml.validate import gate_tokenizer
+    from ml.validate import validate as run_gate
+
     report = run_gate(read_snapshot(paths.data), cfg, gate_tokenizer(cfg))
     report.write(paths.reports / "validation.json")
     if not report.success:
         if run_key:
+            from ml.registry import log_failed_validation
+
             log_failed_validation(cfg, run_key, paths.root, read_json(paths.data / "snapshot.json"))
         raise GateFailed(report.summary())
     return {"success": True, "expectations": len(report.checks), "rows": report.rows,
@@ -71,6 +65,8 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
 def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Train in a child process (`train.isolate`, the default) or in this one."""
     if not cfg.train.isolate:
+        from ml.backend import train_here
+
         return asdict(train_here(cfg, paths.splits, paths.train))
     return _train_in_child(cfg, paths)
 
@@ -119,6 +115,11 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Challenger vs champion (or the bare base model) on the same test split, in this run."""
+    from ml.evaluate import evaluate_model, generate_answers
+    from ml.modeling import load_with_adapter
+    from ml.prompt import PromptFormat
+    from ml.registry import champion, decide
+
     test = read_split(paths.splits, "test")
     m = cfg.model
     fmt = PromptFormat.from_config(cfg)
@@ -168,6 +169,8 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
              tags: dict[str, str] | None = None) -> dict[str, str]:
+    from ml.registry import Decision, log_and_register
+
     ev = read_json(paths.reports / "evaluation.json")
     snap = read_json(paths.data / "snapshot.json")
     tr = read_json(paths.train / "train_result.json")
@@ -185,13 +188,18 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
     return asdict(reg)
 
 
-def _decided(paths: RunPaths) -> tuple[Registered, Decision]:
+def _decided(paths: RunPaths) -> tuple[Any, Any]:
+    """(Registered, Decision) of this run, as register and evaluate wrote them."""
+    from ml.registry import Decision, Registered
+
     return (Registered(**read_json(paths.reports / "registered.json")),
             Decision(**read_json(paths.reports / "evaluation.json")["decision"]))
 
 
 def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Move @champion to this run's version. Only a version its evaluation chose can get it."""
+    from ml.registry import promote_version
+
     registered, decision = _decided(paths)
     if not decision.promote:
         raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
@@ -201,6 +209,8 @@ def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Keep the champion: tag this run's version rejected, with the reason."""
+    from ml.registry import reject_version
+
     registered, decision = _decided(paths)
     reject_version(cfg.registry, registered, decision)
     return {"version": registered.version, "promoted": False, "reason": decision.reason}

@@ -93,3 +93,17 @@ def test_training_without_validation_rows_skips_the_periodic_evaluation(tiny_mod
     _, paths, result = _trained(tmp_path, **{"data.val_fraction": 0.0, "train.max_steps": 2, "train.isolate": False})
     assert read_split(paths.splits, "validation") == []
     assert result.global_step == 2 and result.eval_loss is None
+
+
+def test_the_trainer_imports_neither_airflow_nor_mlflow() -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, ml.__main__, ml.backend, ml.train; "
+            "bad = [m for m in ('airflow', 'mlflow', 'great_expectations') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
