@@ -98,7 +98,7 @@ def token_lengths(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptForm
     prompts, answers = [p for p, _ in pairs], [c for _, c in pairs]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        # Lengths only: the Rust tokenizer without offsets or Python lists is ~2x faster on 100k rows.
+        # Lengths only: the Rust tokenizer without offsets or Python id lists is faster (docs/benchmarks.md).
         count = lambda texts: [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
     else:
         count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731

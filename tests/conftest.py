@@ -65,6 +65,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
+def imports_of(statement: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of the `watched` modules a fresh interpreter has imported after running `statement`."""
+    code = f"import sys; {statement}; print(' '.join(m for m in {watched!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
 def trained_run(tmp: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     """(config, run folder, TrainResult) of a real training of the tiny model: the e2e profile + overrides."""
     from ml import pipeline
