@@ -27,10 +27,18 @@ from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_co
 
 DAG_ID = "retrain_lora"
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
+
+
+def _param(default: Any, schema: dict[str, Any]) -> Param:
+    """A form field from a config field's JSON schema. Its description goes in as `description_md`,
+    which the form renders as markdown (the descriptions quote `names`), a plain one as text."""
+    schema = dict(schema)
+    return Param(default, description_md=schema.pop("description"), **schema)
+
+
 PARAMS = {
-    "profile": Param(DEFAULT.profile, type="string", enum=available_profiles(),
-                     description=field_schema("profile")["description"]),
-    **{name: Param(None, **schema) for name, schema in param_schemas().items()},
+    "profile": _param(DEFAULT.profile, {**field_schema("profile"), "enum": available_profiles()}),
+    **{name: _param(None, schema) for name, schema in param_schemas().items()},
 }
 
 

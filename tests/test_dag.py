@@ -47,11 +47,11 @@ def test_params_descriptions_and_bounds_come_from_the_config_fields(dag: Any) ->
     from ml.config import TrainConfig
 
     lr, r = dag.params.get_param("learning_rate"), dag.params.get_param("lora_r")
-    assert lr.description == TrainConfig.model_fields["learning_rate"].description
+    assert lr.schema["description_md"] == TrainConfig.model_fields["learning_rate"].description
     assert lr.schema["minimum"] == 0  # the field's ge=0: learning rate 0 is a valid (no-op) run
     assert r.schema["exclusiveMinimum"] == 0 and dag.params.get_param("max_steps").schema["minimum"] == -1
     for name, dotted in PARAM_PATHS.items():
-        assert dag.params.get_param(name).description == field_schema(dotted)["description"], name
+        assert dag.params.get_param(name).schema["description_md"] == field_schema(dotted)["description"], name
 
 
 def test_tasks_are_thin_and_import_nothing_heavy_at_parse_time() -> None:
