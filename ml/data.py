@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DECISION = "final_decision"  # the canonical name of the decision column (data.decision_column)
+DECISIONS = ("yes", "no", "maybe")
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,20 @@ class QAExample:
     question: str
     contexts: tuple[str, ...]
     answer: str
+    decision: str | None = None  # yes/no/maybe, where the profile names a decision column
+
+    @property
+    def target(self) -> str:
+        """What the model learns to answer: the long answer, led by the decision when there is one."""
+        return f"{self.decision.capitalize()}. {self.answer}" if self.decision else self.answer
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "QUESTION": self.question,
-                "CONTEXTS": list(self.contexts), "LONG_ANSWER": self.answer}
+        row = {"key": self.key, "QUESTION": self.question, "CONTEXTS": list(self.contexts), "LONG_ANSWER": self.answer}
+        return {**row, DECISION: self.decision} if self.decision is not None else row
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> QAExample:
-        return cls(row["key"], row["QUESTION"], tuple(row["CONTEXTS"]), row["LONG_ANSWER"])
+        return cls(row["key"], row["QUESTION"], tuple(row["CONTEXTS"]), row["LONG_ANSWER"], row.get(DECISION))
 
 
 @dataclass(frozen=True)
@@ -148,11 +156,13 @@ def canonical_records(records: Sequence[dict[str, Any]], cfg: DataConfig) -> lis
     if not records:
         raise DataError(f"dataset {cfg.source!r} has no rows")
     mapping = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS}
+    if cfg.decision_column:
+        mapping[DECISION] = cfg.decision_column
     missing = [f"{canon} (as {src!r})" if src != canon else canon
                for canon, src in mapping.items() if src not in records[0]]
     if missing:
         raise DataError(f"dataset {cfg.source!r} lacks column(s) {', '.join(missing)}; it has "
-                        f"{sorted(records[0])}. Map them with data.columns.")
+                        f"{sorted(records[0])}. Map them with data.columns (the decision: data.decision_column).")
     if cfg.id_column and cfg.id_column not in records[0] and "__id__" not in records[0]:
         raise DataError(f"id column {cfg.id_column!r} not in dataset {cfg.source!r}")
     out = []
@@ -164,8 +174,11 @@ def canonical_records(records: Sequence[dict[str, Any]], cfg: DataConfig) -> lis
             key = str(rec["__id__"])
         else:
             key = "q-" + hashlib.sha256(normalize_question(str(q or "")).encode()).hexdigest()[:16]
-        out.append({"key": key, "QUESTION": q, "CONTEXTS": _contexts_value(rec.get(mapping["CONTEXTS"])),
-                    "LONG_ANSWER": _plain(rec.get(mapping["LONG_ANSWER"]))})
+        row = {"key": key, "QUESTION": q, "CONTEXTS": _contexts_value(rec.get(mapping["CONTEXTS"])),
+               "LONG_ANSWER": _plain(rec.get(mapping["LONG_ANSWER"]))}
+        if cfg.decision_column:
+            row[DECISION] = _plain(rec.get(cfg.decision_column))
+        out.append(row)
     return out
 
 
@@ -173,7 +186,9 @@ def to_example(record: dict[str, Any]) -> QAExample:
     """A validated canonical record as the typed example the model sees."""
     ctx = record["CONTEXTS"]
     contexts = () if ctx is None else (ctx,) if isinstance(ctx, str) else tuple(str(c) for c in ctx)
-    return QAExample(record["key"], str(record["QUESTION"] or ""), contexts, str(record["LONG_ANSWER"] or ""))
+    decision = record.get(DECISION)
+    return QAExample(record["key"], str(record["QUESTION"] or ""), contexts, str(record["LONG_ANSWER"] or ""),
+                     None if decision is None else str(decision).strip().lower())
 
 
 def load_records(cfg: DataConfig) -> list[dict[str, Any]]:

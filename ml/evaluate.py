@@ -4,6 +4,11 @@ The challenger, the champion and the bare base model are all scored by
 `token_loss` on the same encoded test split: summed negative log-likelihood of
 the answer tokens divided by their count (a micro-average, so long answers
 weigh by their length, as in training).
+
+Where the answers start with a yes/no/maybe decision (`data.decision_column`),
+the same forward pass also reads the decision: the most likely of the three
+words ("Yes", "No", "Maybe") as the answer's first token, right after the
+prompt. It is compared with the true decision: the decision accuracy.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ml.data import QAExample
+from ml.data import DECISIONS, QAExample
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all, render
 
 log = logging.getLogger(__name__)
@@ -28,21 +33,37 @@ class LossResult:
     loss: float
     tokens: int
     examples: int
+    decision_accuracy: float | None = None  # share of `decisions` rows whose first answer word was right
+    decisions: int = 0
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
 
 
-def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int = 8) -> LossResult:
-    rows = [e for e in encoded if any(t != IGNORE_INDEX for t in e.labels)]
+def decision_token_ids(tokenizer: Any) -> list[int]:
+    """The first token of each decision word as an answer starts ("Yes. ..."), in DECISIONS order."""
+    ids = [tokenizer(f"{d.capitalize()}.", add_special_tokens=False)["input_ids"][0] for d in DECISIONS]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"the tokenizer starts two decision words with the same token ({ids}); "
+                         "their accuracy cannot be read from the first answer token")
+    return ids
+
+
+def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int = 8,
+               decisions: Sequence[int | None] = (), decision_ids: Sequence[int] = ()) -> LossResult:
+    """Loss per answer token; with `decisions` (per row: the index of its true decision in
+    `decision_ids`, or None), also the share of rows whose most likely first answer token is it."""
+    golds = list(decisions) or [None] * len(encoded)
+    rows = [(e, g) for e, g in zip(encoded, golds, strict=True) if any(t != IGNORE_INDEX for t in e.labels)]
+    rows.sort(key=lambda row: len(row[0].input_ids))  # batches of similar lengths: less padding to compute
     if not rows:
         raise ValueError("no example has answer tokens left after truncation; raise model.max_seq_length")
     dev = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, right, judged = 0.0, 0, 0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = [e for e, _ in rows[start:start + batch_size]]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -58,13 +79,21 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
                                   reduction="sum")
             total_nll += float(nll)
             total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return LossResult(total_nll / total_tokens, total_tokens, len(rows))
+            for i, (e, gold) in enumerate(rows[start:start + batch_size]):
+                if gold is not None:  # the logits just before the first answer token predict it
+                    first = next(t for t, label in enumerate(e.labels) if label != IGNORE_INDEX)
+                    right += int(int(logits[i, first - 1, list(decision_ids)].argmax()) == gold)
+                    judged += 1
+    return LossResult(total_nll / total_tokens, total_tokens, len(rows), right / judged if judged else None, judged)
 
 
 def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
                    batch_size: int) -> LossResult:
     encoded = encode_all(tokenizer, examples, fmt)
-    return token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
+    golds = [DECISIONS.index(ex.decision) if ex.decision in DECISIONS else None for ex in examples]
+    if not any(g is not None for g in golds):
+        return token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
+    return token_loss(model, encoded, tokenizer.pad_token_id, batch_size, golds, decision_token_ids(tokenizer))
 
 
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,

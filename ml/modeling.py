@@ -25,7 +25,9 @@ def model_ref(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def compute_dtype() -> Any:
+def compute_dtype(cfg: ModelConfig) -> Any:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -53,13 +55,13 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 def load_base_model(cfg: ModelConfig) -> Any:
     """The base model on the best device; 4-bit NF4 on CUDA when configured."""
     ref = model_ref(cfg.base_model)
-    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype()}
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg)}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute_dtype())
+                bnb_4bit_compute_dtype=compute_dtype(cfg))
     log.info("loading base model %s (%s)", ref, ", ".join(f"{k}={v}" for k, v in kwargs.items()
                                                           if k != "quantization_config"))
     try:
@@ -91,7 +93,8 @@ def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, Lora
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_ref(cfg.model.base_model), revision=cfg.model.revision,
-        max_seq_length=cfg.model.max_seq_length, dtype=None, load_in_4bit=cfg.model.load_in_4bit)
+        max_seq_length=cfg.model.max_seq_length, dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg.model),
+        load_in_4bit=cfg.model.load_in_4bit)
     model = FastLanguageModel.get_peft_model(
         model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
         target_modules=list(lc.target_modules), random_state=t.seed,

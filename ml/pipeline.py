@@ -126,7 +126,8 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     args = (fmt, cfg.eval.batch_size)
     model, tokenizer = load_with_adapter(m, paths.train / "adapter")
     challenger = evaluate_model(model, tokenizer, test, *args)
-    log.info("challenger test loss %.4f over %d answer tokens", challenger.loss, challenger.tokens)
+    log.info("challenger test loss %.4f over %d answer tokens%s", challenger.loss, challenger.tokens,
+             _accuracy(challenger))
 
     shutil.rmtree(paths.champion, ignore_errors=True)
     champ = champion(cfg.registry, paths.champion)
@@ -155,16 +156,24 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         baseline = evaluate_model(champ_model, champ_tok, test, *args)
         for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args), strict=True):
             row["champion"] = ans
-    log.info("%s test loss %.4f", baseline_name, baseline.loss)
+    log.info("%s test loss %.4f%s", baseline_name, baseline.loss, _accuracy(baseline))
     decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
     log.info("decision: %s", decision.reason)
 
+    decisions = collections.Counter(ex.decision for ex in test if ex.decision)
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "champion_version": champ.version if champ else None, "decision": asdict(decision),
+              # what always answering the most common decision scores on this test split
+              "decision_majority_share": max(decisions.values()) / sum(decisions.values()) if decisions else None,
               "samples": samples}
     write_json(paths.reports / "evaluation.json", report)
     return {"challenger_loss": challenger.loss, "baseline_loss": baseline.loss,
             "baseline": baseline_name, "promote": decision.promote}
+
+
+def _accuracy(result: Any) -> str:
+    return "" if result.decision_accuracy is None else (
+        f"; yes/no/maybe read as the first answer word: {result.decision_accuracy:.1%} of {result.decisions}")
 
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
@@ -181,6 +190,11 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
                "truncated_train_examples": tr["truncated_examples"], "dataset_rows": snap["rows"]}
     if tr["eval_loss"] is not None:
         metrics["final_val_loss"] = tr["eval_loss"]
+    for prefix, result in (("", ev["challenger"]), ("baseline_", ev["baseline"])):
+        if result.get("decision_accuracy") is not None:
+            metrics[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
+    if ev.get("decision_majority_share") is not None:
+        metrics["test_decision_majority_share"] = ev["decision_majority_share"]
     all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"], **(tags or {})}
     reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics,
                            decision=decision, samples=ev["samples"])

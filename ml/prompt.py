@@ -80,7 +80,7 @@ class Encoded:
 
 
 def encode(tokenizer: Any, example: QAExample, fmt: PromptFormat) -> Encoded:
-    prompt, completion = render(tokenizer, fmt, example.question, example.contexts, example.answer)
+    prompt, completion = render(tokenizer, fmt, example.question, example.contexts, example.target)
     # Tokenised separately so the prompt ids are exactly what generation sees;
     # special tokens are already in the text.
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -94,7 +94,7 @@ def token_lengths(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptForm
     """Untruncated length (prompt + answer) of each example: `encode(...).full_length`, batched."""
     if not examples:
         return []
-    pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.answer) for ex in examples]
+    pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.target) for ex in examples]
     prompts, answers = [p for p, _ in pairs], [c for _, c in pairs]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):

@@ -187,7 +187,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         if local_base.is_dir():  # a small local base (the demo's) travels with the model
             artifacts["base_model"] = str(local_base)
         model_config = {"base_model": cfg.model.base_model, "revision": cfg.model.revision,
-                        "load_in_4bit": cfg.model.load_in_4bit,
+                        "load_in_4bit": cfg.model.load_in_4bit, "dtype": cfg.model.dtype,
                         "prompt_format": PromptFormat.from_config(cfg).to_dict()}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,

@@ -33,7 +33,7 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
         base = context.artifacts.get("base_model") or conf["base_model"]
         self.fmt = PromptFormat(**conf["prompt_format"])
         model_cfg = ModelConfig(base_model=base, revision=conf.get("revision"),
-                                load_in_4bit=bool(conf.get("load_in_4bit", True)))
+                                load_in_4bit=bool(conf.get("load_in_4bit", True)), dtype=conf.get("dtype", "auto"))
         self.model, self.tokenizer = load_with_adapter(model_cfg, Path(context.artifacts["adapter"]))
 
     # A DataFrame hint, from which MLflow infers no schema: the explicit signature() is the contract.

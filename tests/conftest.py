@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "pubmedqa_ko_sample.jsonl"
-PQAL = ROOT.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json"
+PQAL = ROOT / "data" / "pubmedqa" / "ori_pqal.json"  # shipped, MIT (data/pubmedqa/LICENSE)
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="retrain-tests-"))
 PROFILES = _SESSION_DIR / "profiles"

@@ -131,7 +131,6 @@ def test_shipped_sample_loads() -> None:
     assert all(e.question and e.answer and e.contexts for e in examples)
 
 
-@pytest.mark.skipif(not PQAL.exists(), reason="../shared/data/pubmedqa/ori_pqal.json not beside the checkout")
 def test_real_pubmedqa_pqal() -> None:
     examples = load_examples(DataConfig(source=str(PQAL)))
     assert len(examples) == 1000

@@ -164,7 +164,6 @@ def test_reports_are_gx_json_and_html(rows: list[dict[str, Any]], cfg: PipelineC
     assert "Data-quality gate FAILED" in page and rows[3]["key"] in page
 
 
-@pytest.mark.skipif(not PQAL.exists(), reason="../shared/data/pubmedqa/ori_pqal.json not beside the checkout")
 def test_real_english_pubmedqa_passes_with_the_english_profile(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
