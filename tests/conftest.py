@@ -154,6 +154,17 @@ def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return mlflow_server
 
 
+@pytest.fixture(scope="module")
+def module_tracking(mlflow_server: str) -> Iterator[str]:
+    """`tracking` for a module's own fixtures: the server in the environment and in mlflow, module-long."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mlflow.set_tracking_uri(mlflow_server)
+        yield mlflow_server
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
     """Airflow's metadata DB (SQLite in the session's AIRFLOW_HOME), migrated by Airflow's own CLI."""

@@ -33,21 +33,10 @@ def _alias(client: Any, alias: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def client(tracking: str) -> Any:
+def client(module_tracking: str) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking)
-
-
-@pytest.fixture(scope="module")
-def tracking(mlflow_server: str) -> str:  # module-scoped twin of conftest's `tracking`
-    import os
-
-    import mlflow
-
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    mlflow.set_tracking_uri(mlflow_server)
-    return mlflow_server
+    return MlflowClient(module_tracking)
 
 
 def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Path, client: Any) -> None:
