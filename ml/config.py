@@ -201,6 +201,9 @@ class RegistryConfig(_Strict):
     champion_alias: str = Field("champion", description="Alias of the model in production.")
     previous_alias: str = Field("previous_champion", description="Alias the replaced champion keeps (for rollback).")
     min_delta: float = Field(0.0, ge=0.0, description="Promote only if the test loss improves by more than this.")
+    embed_base_max_gib: float = Field(2.0, ge=0.0, description=(
+        "A local base model up to this size travels inside every registered model version; a larger "
+        "one (an 8B model's 16 GB) is referenced by its path, which the serving machine must have."))
     artifact_location: str | None = Field(None, description=(
         "Artifact root of experiments created in a local (sqlite/file) store; an MLflow server proxies its own."))
 

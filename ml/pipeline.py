@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -231,13 +232,22 @@ def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
-    """Every step in order, without Airflow."""
+    """Every step in order, without Airflow; the wall time of each comes back as `seconds`."""
     paths = run_paths(cfg, run_key)
-    snap = load(cfg, paths)
-    validate(cfg, paths)
-    prepare(cfg, paths)
-    train(cfg, paths)
-    promoted = evaluate(cfg, paths)["promote"]
-    register(cfg, paths, run_key)
-    result = (promote if promoted else keep)(cfg, paths)
-    return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result}
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, step: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = step(cfg, paths, *args)
+        seconds[name] = round(time.perf_counter() - start, 1)
+        log.info("step %s took %.1fs", name, seconds[name])
+        return out
+
+    snap = timed("load", load)
+    timed("validate", validate)
+    timed("prepare", prepare)
+    timed("train", train)
+    promoted = timed("evaluate", evaluate)["promote"]
+    timed("register", register, run_key)
+    result = timed("promote" if promoted else "keep", promote if promoted else keep)
+    return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result, "seconds": seconds}

@@ -185,7 +185,12 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         artifacts = {"adapter": str(adapter_dir)}
         local_base = resolve_path(cfg.model.base_model)
         if local_base.is_dir():  # a small local base (the demo's) travels with the model
-            artifacts["base_model"] = str(local_base)
+            gib = sum(f.stat().st_size for f in local_base.rglob("*") if f.is_file()) / 2**30
+            if gib <= reg.embed_base_max_gib:
+                artifacts["base_model"] = str(local_base)
+            else:
+                log.warning("the base model %s (%.1f GiB) stays out of the registered model, which refers to "
+                            "it by path (registry.embed_base_max_gib=%g)", local_base, gib, reg.embed_base_max_gib)
         model_config = {"base_model": cfg.model.base_model, "revision": cfg.model.revision,
                         "load_in_4bit": cfg.model.load_in_4bit, "dtype": cfg.model.dtype,
                         "prompt_format": PromptFormat.from_config(cfg).to_dict()}

@@ -31,8 +31,9 @@ from ml import speed
 from ml.backend import pick_backend
 from ml.config import PipelineConfig
 from ml.data import read_split
+from ml.errors import DataError
 from ml.modeling import load_for_training
-from ml.prompt import Encoded, PromptFormat, encode_all
+from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     fmt = PromptFormat.from_config(cfg)
     train_rows = encode_all(tokenizer, read_split(splits_dir, "train"), fmt)
     eval_rows = encode_all(tokenizer, read_split(splits_dir, "validation"), fmt)
+    if not any(label != IGNORE_INDEX for e in train_rows for label in e.labels):
+        raise DataError(f"no training example keeps an answer token within model.max_seq_length="
+                        f"{cfg.model.max_seq_length}: raise it, or shorten the prompts")
     truncated = sum(e.truncated for e in train_rows)
     if truncated:
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
@@ -156,9 +160,13 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def final_eval_loss(trainer: Any) -> float:
+def final_eval_loss(trainer: Any) -> float | None:
     """Validation loss of the final weights: the last periodic evaluation if it ran at the last step."""
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     if evals and evals[-1]["step"] == trainer.state.global_step:
         return float(evals[-1]["eval_loss"])
-    return float(trainer.evaluate()["eval_loss"])
+    metrics = trainer.evaluate()
+    if "eval_loss" not in metrics:  # every validation answer was cut off at max_seq_length
+        log.warning("no validation loss: no validation row has an answer token within max_seq_length")
+        return None
+    return float(metrics["eval_loss"])
