@@ -38,17 +38,22 @@ class DataConfig(_Strict):
     source: str = Field("ChuGyouk/PubMedQA-test-Ko", description=(
         "Hugging Face dataset id, or a local .jsonl/.json/.parquet/.csv file or `save_to_disk` folder "
         "(relative paths resolve against the project root)."))
-    split: str = Field("train", description="Split to load from a hub dataset or a `save_to_disk` DatasetDict.")
+    split: str = Field("test", description=(
+        "Split to load from a dataset repository (hub id or its folder) or a `save_to_disk` DatasetDict. "
+        "ChuGyouk/PubMedQA-test-Ko has one, `test`, named after its one file; a split the dataset lacks "
+        "fails naming the ones it has."))
     revision: str | None = Field(None, description="Hub revision (tag, branch or commit) of the dataset.")
     columns: dict[str, str] = Field(default_factory=dict, description=(
         "Canonical column (QUESTION, CONTEXTS, LONG_ANSWER) -> its name in the source, for sources that differ."))
     id_column: str | None = Field(None, description=(
         "Column holding a stable row key (e.g. PMID). Without it the key is a hash of the normalised "
         "question, so splits survive re-ordering and appends."))
-    decision_column: str | None = Field(None, description=(
-        "Column holding a yes/no/maybe decision (PubMedQA's `final_decision`). When set, every answer "
-        "starts with it (\"Yes. ...\"), the gate checks its values, and evaluation reports how often "
-        "each model's most likely first word is the right decision."))
+    decision_column: str | None = Field("final_decision", description=(
+        "Column holding each row's yes/no/maybe decision (PubMedQA's `final_decision`), kept beside the "
+        "answer and checked by the gate; null: the data has none."))
+    lead_with_decision: bool = Field(False, description=(
+        "Every answer starts with its decision (\"Yes. ...\"); evaluation then also reports how often "
+        "each model's most likely first answer word is the right decision."))
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows in the validation split (by key hash).")
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of rows in the test split (by key hash).")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="The Alpaca instruction of every prompt.")

@@ -41,10 +41,9 @@ class QAExample:
     answer: str
     decision: str | None = None  # yes/no/maybe, where the profile names a decision column
 
-    @property
-    def target(self) -> str:
-        """What the model learns to answer: the long answer, led by the decision when there is one."""
-        return f"{self.decision.capitalize()}. {self.answer}" if self.decision else self.answer
+    def target(self, lead_with_decision: bool = False) -> str:
+        """What the model learns to answer: the long answer, led by the decision if asked ("Yes. ...")."""
+        return f"{self.decision.capitalize()}. {self.answer}" if lead_with_decision and self.decision else self.answer
 
     def to_json(self) -> dict[str, Any]:
         row = {"key": self.key, "QUESTION": self.question, "CONTEXTS": list(self.contexts), "LONG_ANSWER": self.answer}
@@ -77,6 +76,8 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
     path = resolve_path(cfg.source)
     if not path.exists():
         raise DataError(f"dataset file not found: {path}")
+    if path.is_dir() and not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+        return _read_hub(cfg, str(path))  # a dataset repository's files (a hub clone): the hub's loader
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -99,8 +100,8 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
             return [dict(r) for r in pd.read_csv(path, keep_default_na=False).to_dict(orient="records")]
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
-    raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(LOCAL_SUFFIXES)} "
-                    "or a save_to_disk folder")
+    raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(LOCAL_SUFFIXES)}, "
+                    "a save_to_disk folder or a dataset repository's folder")
 
 
 def _from_json(obj: Any, path: Path) -> list[dict[str, Any]]:
@@ -112,12 +113,25 @@ def _from_json(obj: Any, path: Path) -> list[dict[str, Any]]:
     raise DataError(f"{path}: expected a JSON list of records or a dict of records keyed by id")
 
 
-def _read_hub(cfg: DataConfig) -> list[dict[str, Any]]:
-    log.info("loading %s (split=%s, revision=%s) from the Hugging Face hub",
-             cfg.source, cfg.split, cfg.revision)
+def _read_hub(cfg: DataConfig, source: str | None = None) -> list[dict[str, Any]]:
+    """A dataset repository (a hub id, or its files in a folder) through `datasets`' own loader.
+
+    The split is checked against the repository's before any data is read: a lone file's split
+    is named after the file (`pubmedQA_test_translated.json` -> `test`)."""
+    source = source or cfg.source
+    datasets.disable_progress_bars()  # per-file bars flood task logs; this line and the row count say enough
+    log.info("loading %s (split=%s, revision=%s) with the Hugging Face datasets loader",
+             source, cfg.split, cfg.revision)
     try:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split, revision=cfg.revision)
-    except Exception as exc:  # offline, missing repo, bad split: all surface here
+        splits = datasets.get_dataset_split_names(source, revision=cfg.revision)
+    except Exception as exc:  # offline, missing repository, unreadable files: all surface here
+        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
+    if cfg.split not in splits:
+        raise DataError(f"dataset {cfg.source!r} has no split {cfg.split!r}; its splits: {', '.join(splits)} "
+                        "(set data.split)")
+    try:
+        ds = datasets.load_dataset(source, split=cfg.split, revision=cfg.revision)
+    except Exception as exc:
         raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
     return [dict(r) for r in ds]
 

@@ -90,7 +90,8 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
 def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
                    batch_size: int) -> LossResult:
     encoded = encode_all(tokenizer, examples, fmt)
-    golds = [DECISIONS.index(ex.decision) if ex.decision in DECISIONS else None for ex in examples]
+    golds = [DECISIONS.index(ex.decision) if fmt.lead_with_decision and ex.decision in DECISIONS else None
+             for ex in examples]
     if not any(g is not None for g in golds):
         return token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
     return token_loss(model, encoded, tokenizer.pad_token_id, batch_size, golds, decision_token_ids(tokenizer))

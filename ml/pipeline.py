@@ -161,7 +161,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
     log.info("decision: %s", decision.reason)
 
-    decisions = collections.Counter(ex.decision for ex in test if ex.decision)
+    decisions = collections.Counter(ex.decision for ex in test if ex.decision and fmt.lead_with_decision)
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "champion_version": champ.version if champ else None, "decision": asdict(decision),
               # what always answering the most common decision scores on this test split

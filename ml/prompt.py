@@ -32,11 +32,12 @@ class PromptFormat:
     contexts_label: str = "연구 내용"
     use_chat_template: bool = True
     max_length: int = 512
+    lead_with_decision: bool = False  # each answer starts with its yes/no/maybe decision
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> PromptFormat:
         return cls(cfg.data.instruction, cfg.data.question_label, cfg.data.contexts_label,
-                   cfg.model.use_chat_template, cfg.model.max_seq_length)
+                   cfg.model.use_chat_template, cfg.model.max_seq_length, cfg.data.lead_with_decision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +81,8 @@ class Encoded:
 
 
 def encode(tokenizer: Any, example: QAExample, fmt: PromptFormat) -> Encoded:
-    prompt, completion = render(tokenizer, fmt, example.question, example.contexts, example.target)
+    prompt, completion = render(tokenizer, fmt, example.question, example.contexts,
+                                example.target(fmt.lead_with_decision))
     # Tokenised separately so the prompt ids are exactly what generation sees;
     # special tokens are already in the text.
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -94,7 +96,7 @@ def token_lengths(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptForm
     """Untruncated length (prompt + answer) of each example: `encode(...).full_length`, batched."""
     if not examples:
         return []
-    pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.target) for ex in examples]
+    pairs = [render(tokenizer, fmt, ex.question, ex.contexts, ex.target(fmt.lead_with_decision)) for ex in examples]
     prompts, answers = [p for p, _ in pairs], [c for _, c in pairs]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):

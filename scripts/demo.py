@@ -125,7 +125,7 @@ def main() -> int:
               f"  mlflow run       {reg['run_id']}\n"
               f"  model version    {cfg.registry.model_name} v{reg['version']}\n"
               f"  test loss        challenger {d['challenger_loss']:.4f} vs {d['baseline']} {d['baseline_loss']:.4f}")
-        if ev.get("decision_majority_share") is not None:
+        if ev["challenger"].get("decision_accuracy") is not None:
             print(f"  yes/no/maybe     challenger {accuracy(ev['challenger'])} vs {d['baseline']} "
                   f"{accuracy(ev['baseline'])} right, of {ev['challenger']['decisions']} test rows "
                   f"(always the most common answer: {ev['decision_majority_share']:.1%})")

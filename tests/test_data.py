@@ -28,7 +28,8 @@ ROWS = [
 
 
 def _cfg(path: Path, **kw: object) -> DataConfig:
-    return DataConfig(source=str(path), id_column="PMID", **kw)  # type: ignore[arg-type]
+    # rows without a decision: the default profile's decision column is PubMedQA's
+    return DataConfig(source=str(path), id_column="PMID", decision_column=None, **kw)  # type: ignore[arg-type]
 
 
 def _expect_rows(examples: list[QAExample]) -> None:
@@ -52,7 +53,7 @@ def test_json_list(tmp_path: Path) -> None:
 def test_pqal_dict_keyed_by_pmid(tmp_path: Path) -> None:
     path = tmp_path / "pqal.json"
     path.write_text(json.dumps({r["PMID"]: {k: v for k, v in r.items() if k != "PMID"} for r in ROWS}))
-    _expect_rows(load_examples(DataConfig(source=str(path))))
+    _expect_rows(load_examples(DataConfig(source=str(path), decision_column=None)))
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -73,14 +74,14 @@ def test_save_to_disk_folder(tmp_path: Path) -> None:
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "ds"))
-    _expect_rows(load_examples(_cfg(tmp_path / "ds")))
+    _expect_rows(load_examples(_cfg(tmp_path / "ds", split="train")))
 
 
 def test_column_mapping_and_string_contexts(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     rows = [{"id": "a", "q": "질문?", "ctx": "한 문단 맥락", "a": "답."}]
     path.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n", encoding="utf-8")
-    cfg = DataConfig(source=str(path), id_column="id",
+    cfg = DataConfig(source=str(path), id_column="id", decision_column=None,
                      columns={"QUESTION": "q", "CONTEXTS": "ctx", "LONG_ANSWER": "a"})
     (ex,) = load_examples(cfg)
     assert (ex.key, ex.question, ex.contexts, ex.answer) == ("a", "질문?", ("한 문단 맥락",), "답.")
@@ -112,13 +113,14 @@ def test_hub_source_goes_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -
     import datasets
 
     calls = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, revision: ["test"])  # no hub here
 
     def fake_load_dataset(name: str, split: str, revision: str | None) -> datasets.Dataset:
         calls.append((name, split, revision))
         return datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "PMID"} for r in ROWS])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)  # the hub cannot be reached here
-    examples = load_examples(DataConfig(source="org/name", split="test", revision="abc123"))
+    examples = load_examples(DataConfig(source="org/name", split="test", revision="abc123", decision_column=None))
     assert calls == [("org/name", "test", "abc123")]
     assert [e.question for e in examples] == ["질문 하나?", "질문 둘?"]
     assert all(e.key.startswith("q-") for e in examples)  # no id column: keyed by the question
@@ -153,7 +155,7 @@ def test_snapshot_keeps_source_values_and_fingerprints_them(tmp_path: Path) -> N
 def test_records_keep_types_for_the_gate(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"PMID": 7, "QUESTION": 12, "CONTEXTS": None, "LONG_ANSWER": "답"}) + "\n")
-    (rec,) = load_records(DataConfig(source=str(path), id_column="PMID"))
+    (rec,) = load_records(DataConfig(source=str(path), id_column="PMID", decision_column=None))
     assert rec == {"key": "7", "QUESTION": 12, "CONTEXTS": None, "LONG_ANSWER": "답"}
 
 
@@ -173,3 +175,19 @@ def test_split_rejects_duplicate_keys() -> None:
     rows = [QAExample("same", "q1", (), "a"), QAExample("same", "q2", (), "a")]
     with pytest.raises(DataError, match="not unique"):
         split_examples(rows, DataConfig(source="x"))
+
+
+def test_a_dataset_repository_folder_loads_through_the_hub_loader_and_names_its_splits(tmp_path: Path) -> None:
+    """ChuGyouk/PubMedQA-test-Ko's layout: one JSON file, whose name makes its only split `test`."""
+    repo = tmp_path / "PubMedQA-test-Ko"
+    repo.mkdir()
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    (repo / "pubmedQA_test_translated.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "PMID"} for r in rows], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="has no split 'train'; its splits: test"):
+        load_records(DataConfig(source=str(repo), split="train"))
+    examples = load_examples(DataConfig(source=str(repo)))  # the default split, test
+    assert len(examples) == 80 and [e.question for e in examples] == [r["QUESTION"] for r in rows]
+    assert [e.decision for e in examples] == [r["final_decision"] for r in rows]  # kept for evaluation
+    assert load_examples(DataConfig(source=str(repo), decision_column=None))[0].decision is None
+

@@ -61,7 +61,7 @@ def test_prompt_tokens_carry_no_loss_and_the_decision_leads_the_answer(smollm2: 
     cfg = load_config("smollm2-pubmedqa-en", {"model.base_model": str(smollm2)})
     tok, fmt = AutoTokenizer.from_pretrained(smollm2), PromptFormat.from_config(cfg)
     ex = next(e for e in load_examples(cfg.data) if e.decision == "no")
-    prompt, completion = render(tok, fmt, ex.question, ex.contexts, ex.target)
+    prompt, completion = render(tok, fmt, ex.question, ex.contexts, ex.target(fmt.lead_with_decision))
     assert completion.startswith("No. " + ex.answer[:20]) and completion.endswith("<|im_end|>\n")
     enc = encode(tok, ex, fmt)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])

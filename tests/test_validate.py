@@ -143,7 +143,7 @@ def test_splits_leak_a_reworded_train_question_into_test(rows: list[dict[str, An
     key = next(f"leak-{i}" for i in range(1000)
                if assign_split(f"leak-{i}", cfg.data.val_fraction, cfg.data.test_fraction) == "test")
     rows.append({"key": key, "QUESTION": " ".join(reversed(words)) + "?", "CONTEXTS": source["CONTEXTS"],
-                 "LONG_ANSWER": rows[0]["LONG_ANSWER"]})
+                 "LONG_ANSWER": rows[0]["LONG_ANSWER"], "final_decision": source["final_decision"]})
     report = _gate(rows, cfg, tokenizer)
     assert report.failed_families == {"splits"}, report.summary()
     assert report.failures[0].examples == [key]
