@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import transformers
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ml.config import ModelConfig, PipelineConfig, resolve_path
+from ml.base_models import quiet_progress_bars, resolve
+from ml.config import ModelConfig, PipelineConfig
 from ml.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 
-def model_ref(name: str) -> str:
-    """A local folder (relative to the project root) or a hub id, as given."""
-    local = resolve_path(name)
-    return str(local) if local.exists() else name
+def model_ref(cfg: ModelConfig) -> str:
+    """The folder or hub id that loads the configured base model (ml/base_models.py)."""
+    return resolve(cfg.base_model, cfg.revision)
 
 
 def compute_dtype(cfg: ModelConfig) -> Any:
@@ -33,16 +30,9 @@ def compute_dtype(cfg: ModelConfig) -> Any:
     return torch.float32
 
 
-def quiet_progress_bars() -> None:
-    """Per-file progress bars flood task logs; our own log lines report progress instead."""
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     quiet_progress_bars()
-    ref = path or model_ref(cfg.base_model)
+    ref = path or model_ref(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(ref, revision=None if path else cfg.revision)
     except OSError as exc:
@@ -54,7 +44,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 
 def load_base_model(cfg: ModelConfig) -> Any:
     """The base model on the best device; 4-bit NF4 on CUDA when configured."""
-    ref = model_ref(cfg.base_model)
+    ref = model_ref(cfg)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg)}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
@@ -88,11 +78,12 @@ def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, Lora
         tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model)
         if t.gradient_checkpointing != "false" and getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        return model, tokenizer, lora_config(cfg, model.config.num_hidden_layers)
+        return model, tokenizer, lora_config(cfg, model.config.num_hidden_layers,
+                                             tied=bool(model.config.get_text_config().tie_word_embeddings))
     from unsloth import FastLanguageModel  # optional (CUDA only); imported first by ml.backend
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_ref(cfg.model.base_model), revision=cfg.model.revision,
+        model_name=model_ref(cfg.model), revision=cfg.model.revision,
         max_seq_length=cfg.model.max_seq_length, dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg.model),
         load_in_4bit=cfg.model.load_in_4bit)
     model = FastLanguageModel.get_peft_model(
@@ -106,12 +97,14 @@ def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, Lora
     return model, tokenizer, None
 
 
-def lora_config(cfg: PipelineConfig, num_layers: int) -> LoraConfig:
+def lora_config(cfg: PipelineConfig, num_layers: int, tied: bool = False) -> LoraConfig:
+    """`tied`: the model's LM head is its embedding matrix (EXAONE-3.5-2.4B); a trained head stays so."""
     lc = cfg.lora
     return LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
         target_modules=list(lc.target_modules), layers_to_transform=_layers(cfg, num_layers),
-        modules_to_save=["lm_head"] if lc.train_lm_head else None, task_type="CAUSAL_LM")
+        modules_to_save=["lm_head"] if lc.train_lm_head else None, task_type="CAUSAL_LM",
+        ensure_weight_tying=tied and lc.train_lm_head)
 
 
 def _layers(cfg: PipelineConfig, num_layers: int) -> list[int] | None:
