@@ -3,6 +3,10 @@
     python3 benchmarks/train_gpu.py VARIANT [--model /tmp/l8b] [--steps 8] [--set train.KEY=VALUE ...]
                                             [--tag NAME] [--profile 5:8]
 
+The `exaone` variant trains the EXAONE profile on a random EXAONE-3.5-2.4B checkpoint in its
+published layout (`benchmarks/make_exaone.py` writes it to /tmp/exaone24), converted on load
+as in production; `--steps -1` keeps the profile's 3 epochs.
+
 Runs `ml.train.train` (the code the DAG's train task runs) with the seed's or
 the default profile's settings on synthetic data whose lengths resemble PubMedQA-Ko under
 the Llama-3 tokenizer (an assumption: question ~25 tokens, contexts ~330
@@ -32,10 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PARAMS = 8.03e9
+PARAMS = {"exaone": 2.41e9}  # parameters in the matmuls of a forward pass; the rest are Llama-3.1-8B's
+LLAMA_8B_PARAMS = 8.03e9
 PEAK_FLOPS = {"measured_800": 800e12, "spec_989": 989e12}  # H100 dense bf16: measured here / datasheet
 
-SEED, DEFAULT = "pubmedqa-ko-llama31-8b-seed", "pubmedqa-ko-llama31-8b"
+SEED, DEFAULT, EXAONE = "pubmedqa-ko-llama31-8b-seed", "pubmedqa-ko-llama31-8b", "exaone-3.5-2.4b"
 # the seed's own memory layout: batches padded to their longest row, every layer recomputed
 SEED_LAYOUT: dict[str, object] = {"train.pad_to_multiple_of": None, "train.uncheckpointed_layers": 0}
 
@@ -56,6 +61,8 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "default": (DEFAULT, {"train.backend": "unsloth"}),
     # ... with Unsloth's padding-free batching instead of padding
     "default_padfree": (DEFAULT, {"train.backend": "unsloth", "train.padding_free": True}),
+    # the EXAONE profile as it is (batch 1, lr 1e-5, AdamW, 10 % warm-up, bf16 LoRA)
+    "exaone": (EXAONE, {}),
 }
 
 
@@ -263,6 +270,13 @@ def main() -> int:
                  "eval.eval_steps": 1000, "output_dir": str(work), **VARIANTS[args.variant][1], **extra}
     cfg = load_config(VARIANTS[args.variant][0], overrides)
     pick_backend(cfg.train.backend)  # Unsloth before transformers, which the callbacks below import
+    import time
+
+    from ml.base_models import resolve
+
+    t0 = time.perf_counter()
+    resolve(args.model)  # an EXAONE checkpoint is converted here, once; training loads the result
+    convert_s = time.perf_counter() - t0
     report: dict[str, object] = {}
     callbacks = [profiler_callback(*map(int, args.profile.split(":")), report)] if args.profile else []
     if args.train_mode_once:
@@ -276,6 +290,7 @@ def main() -> int:
     result = train_here(cfg, work / "splits", work / "out", callbacks=callbacks)
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
+    params = PARAMS.get(args.variant, LLAMA_8B_PARAMS)
     import torch
 
     from ml.speed import resolve_loss_head
@@ -292,7 +307,10 @@ def main() -> int:
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,
         "steps": result.global_step, "real_tokens_per_s": round(tps, 1),
         "step_s_median": round(result.step_s or 0.0, 3), "peak_gib": round(result.peak_gpu_gib or 0.0, 2),
-        **{f"mfu_{k}": round(tps * 6 * PARAMS / v, 3) for k, v in PEAK_FLOPS.items()},
+        "epochs": cfg.train.num_train_epochs if cfg.train.max_steps < 0 else None,
+        "runtime_s": round(result.runtime_s, 1),
+        "convert_s": round(convert_s, 1), "params": params,
+        **{f"mfu_{k}": round(tps * 6 * params / v, 3) for k, v in PEAK_FLOPS.items()},
         "truncated_train_examples": result.truncated_examples, "train_examples": result.train_examples,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "uncheckpointed_layers": cfg.train.uncheckpointed_layers,
