@@ -314,6 +314,8 @@ def main() -> int:
         "truncated_train_examples": result.truncated_examples, "train_examples": result.train_examples,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "uncheckpointed_layers": cfg.train.uncheckpointed_layers,
+        # batches whose rows all lost their answer to truncation: zero loss, zero gradient, yet a step
+        "steps_without_answer_tokens": sum(1 for r in history if r.get("loss") == 0 and r.get("grad_norm") == 0),
         "loss": [round(r["loss"], 4) for r in history if "loss" in r], **report,
     }
     print("RESULT " + json.dumps(res), flush=True)
