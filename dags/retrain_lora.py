@@ -1,7 +1,11 @@
 """Retrain a LoRA adapter on fresh data and promote it only when it is measurably better.
 
-load -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
+load -> changed? -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
 -> decide -> promote_champion | keep_champion -> summary
+
+`changed` skips the rest when the data and the effective config equal the champion's (trigger
+with force=true to train anyway). The run's config is frozen by its first task. Registry writes
+take the `mlflow_registry` pool (one slot), and promotion re-checks @champion under a lock.
 
 Each task calls its `ml.pipeline` step; the work lives in `ml/` and runs without
 Airflow (`python -m ml --help`). Tasks of one run share a run folder under the
@@ -20,12 +24,13 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 # Only the light config module at parse time; each task imports the ML stack it runs.
 from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_config, param_schemas
 
 DAG_ID = "retrain_lora"
+REGISTRY_POOL = "mlflow_registry"  # one slot: registry writes of concurrent runs one at a time
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
 
 
@@ -39,18 +44,23 @@ def _param(default: Any, schema: dict[str, Any]) -> Param:
 PARAMS = {
     "profile": _param(DEFAULT.profile, {**field_schema("profile"), "enum": available_profiles()}),
     **{name: _param(None, schema) for name, schema in param_schemas().items()},
+    "force": Param(False, type="boolean", description_md=(
+        "Train even when the data and the effective config equal the champion's (otherwise the run skips).")),
 }
 
 
 def _run() -> tuple[Any, Any, str]:
-    """This run's typed config, run folder and key, rebuilt from its Params in every task."""
+    """This run's typed config, run folder and key: the first task freezes the config built from the
+    Params in the run folder; every later task reads that copy (a profile edited mid-run changes nothing)."""
     from ml.config import config_from_params
+    from ml.pipeline import freeze
     from ml.runs import run_paths
 
     ctx = get_current_context()
     cfg = config_from_params(dict(ctx["params"]))
     run_key = f"{DAG_ID}__{ctx['run_id']}"
-    return cfg, run_paths(cfg, run_key), run_key
+    paths = run_paths(cfg, run_key)
+    return freeze(cfg, paths), paths, run_key
 
 
 @dag(
@@ -71,6 +81,16 @@ def retrain_lora() -> None:
 
         cfg, paths, _ = _run()
         return asdict(pipeline.load(cfg, paths))
+
+    @task
+    def changed(snapshot: dict[str, Any]) -> dict[str, Any]:
+        from ml import pipeline
+
+        cfg, paths, run_key = _run()
+        reason = None if get_current_context()["params"].get("force") else pipeline.unchanged(cfg, paths, run_key)
+        if reason:
+            raise AirflowSkipException(reason)
+        return snapshot
 
     @task
     def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +126,7 @@ def retrain_lora() -> None:
         cfg, paths, _ = _run()
         return pipeline.evaluate(cfg, paths)
 
-    @task
+    @task(pool=REGISTRY_POOL)
     def register(evaluation: dict[str, Any]) -> dict[str, str]:
         from ml import pipeline
 
@@ -118,31 +138,34 @@ def retrain_lora() -> None:
     def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
         return "promote_champion" if evaluation["promote"] else "keep_champion"
 
-    @task
+    # On the train queue: if @champion moved since evaluation, promotion scores the challenger again.
+    @task(pool=REGISTRY_POOL, queue=DEFAULT.train.queue)
     def promote_champion() -> dict[str, Any]:
         from ml import pipeline
 
-        cfg, paths, _ = _run()
-        return pipeline.promote(cfg, paths)  # moves @champion, keeps @previous_champion
+        cfg, paths, run_key = _run()
+        return pipeline.promote(cfg, paths, run_key)  # moves @champion, keeps @previous_champion
 
-    @task
+    @task(pool=REGISTRY_POOL)
     def keep_champion() -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, _ = _run()
-        return pipeline.keep(cfg, paths)  # tags the version rejected; the aliases stay
+        return pipeline.keep(cfg, paths)  # tags the version rejected or needs_review; the aliases stay
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> str:
+        from ml import pipeline
+
+        cfg, paths, _ = _run()
+        reason = pipeline.final_decision(paths)["reason"]
         line = (f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
-                f"version {registered['version']} | challenger {evaluation['challenger_loss']:.4f} vs "
-                f"{evaluation['baseline']} {evaluation['baseline_loss']:.4f} | "
-                f"{'PROMOTED' if evaluation['promote'] else 'kept champion'}")
+                f"version {registered['version']} | {reason}")
         print(line)
         return line
 
     snap = load()
-    evaluation = evaluate(train(prepare(validate(snap))))
+    evaluation = evaluate(train(prepare(validate(changed(snap)))))
     registered = register(evaluation)
     branch = decide(evaluation, registered)
     branch >> [promote_champion(), keep_champion()] >> summary(snap, evaluation, registered)

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from ml.config import (
     reference_markdown,
     resolve_path,
 )
-from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError
+from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict
 from ml.runs import run_paths
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -100,15 +101,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_step(args: argparse.Namespace) -> int:
     from ml import pipeline
 
+    if args.command == "promote" and args.version:
+        return cmd_manual(args)
     cfg = _config(args)
     paths = run_paths(cfg, args.run_key)
+    cfg = pipeline.freeze(cfg, paths)  # the first step writes the run's config; later steps read it
     step = args.command
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
-    elif step == "register":
-        _print(pipeline.register(cfg, paths, args.run_key))
+    elif step in ("register", "promote"):
+        _print(getattr(pipeline, step)(cfg, paths, args.run_key))
     else:
         _print(getattr(pipeline, step)(cfg, paths))
+    return EXIT_OK
+
+
+def cmd_manual(args: argparse.Namespace) -> int:
+    """A person's promotion (`promote --version N`) or rollback, with the pipeline's checks."""
+    from ml.registry import manual_move
+
+    version = None if args.command == "rollback" else str(args.version)
+    action = "rollback" if version is None else "promotion"
+    _print(manual_move(_config(args).registry, version, args.reason or "", action))
     return EXIT_OK
 
 
@@ -121,7 +135,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from ml import pipeline
 
-    _print(pipeline.run_all(_config(args), args.run_key))
+    _print(pipeline.run_all(_config(args), args.run_key, force=args.force))
     return EXIT_OK
 
 
@@ -135,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
     common.add_argument("--config", help="a resolved config (JSON) instead of --profile/--set")
     run = argparse.ArgumentParser(add_help=False)
-    default_key = "cli-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    run.add_argument("--run-key", default=default_key, help="names the run folder (default: a timestamp)")
+    # a timestamp and a random suffix: two runs started in the same second never share a folder
+    default_key = f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    run.add_argument("--run-key", default=default_key,
+                     help="names the run folder (default: a timestamp and a random suffix); reuse it to run "
+                          "the steps of one run one by one")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset")
@@ -164,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "LoRA fine-tune on the train split (no Airflow, no MLflow)",
              "evaluate": "test loss of challenger and champion (or base model); the decision",
              "register": "log the run to MLflow and register a model version",
-             "promote": "move @champion to this run's version (only when the evaluation chose it)",
+             "promote": "move @champion to this run's version (only when the evaluation chose it); "
+                        "with --version N --reason TEXT: a person promotes version N",
              "keep": "keep @champion: tag this run's version rejected"}
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common, run], help=text)
         p.set_defaults(func=cmd_train if name == "train" else cmd_step)
+        if name == "promote":
+            p.add_argument("--version", type=int, help="a person's choice: this version gets @champion")
+            p.add_argument("--reason", help="why (recorded on the versions, with who and when)")
+    p = sub.add_parser("rollback", parents=[common], help="give @champion back to @previous_champion, with a reason")
+    p.add_argument("--reason", required=True, help="why (recorded on the versions, with who and when)")
+    p.set_defaults(func=cmd_manual)
     p = sub.add_parser("pipeline", parents=[common, run], help="every step in order, without Airflow")
+    p.add_argument("--force", action="store_true", help="train even if data and config equal the champion's")
     p.set_defaults(func=cmd_pipeline)
     return parser
 
@@ -180,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, ModelLoadError) as exc:
+    except (ConfigError, DataError, ModelLoadError, RegistryConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except GateFailed as exc:

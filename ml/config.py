@@ -205,7 +205,17 @@ class RegistryConfig(_Strict):
     model_name: str = Field("pubmedqa-ko-llama31-8b-lora", description="Registered model the versions belong to.")
     champion_alias: str = Field("champion", description="Alias of the model in production.")
     previous_alias: str = Field("previous_champion", description="Alias the replaced champion keeps (for rollback).")
-    min_delta: float = Field(0.0, ge=0.0, description="Promote only if the test loss improves by more than this.")
+    min_delta: float = Field(0.01, ge=0.0, description=(
+        "Margin in loss per answer token (nats): promote only when the lower bound of the improvement's "
+        "confidence interval exceeds it. 0.01 is a 1 % lower perplexity, above the ~0.004 by which two runs "
+        "differing only in seed differ (docs/pipeline.md#promotion)."))
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description=(
+        "Confidence of the paired bootstrap interval on the improvement."))
+    bootstrap_resamples: int = Field(2000, ge=100, description="Resamples of the test rows in the paired bootstrap.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap's resampling (recorded with the decision).")
+    min_rows: int = Field(20, ge=1, description=(
+        "Fewest comparable test rows (after leaving out the champion's training rows) for an automatic "
+        "decision; fewer: needs_review."))
     embed_base_max_gib: float = Field(2.0, ge=0.0, description=(
         "A local base model up to this size travels inside every registered model version; a larger "
         "one (an 8B model's 16 GB) is referenced by its path, which the serving machine must have."))

@@ -23,3 +23,7 @@ class GateFailed(RuntimeError):
 
 class TrainingFailed(RuntimeError):
     """The training process failed (crash, OOM, killed); its last output is in the message."""
+
+
+class RegistryConflict(RuntimeError):
+    """The registry is not in the state a decision was made for (an alias moved, an adapter changed)."""

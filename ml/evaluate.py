@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ml.data import DECISIONS, QAExample
+from ml.promotion import RowScore
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all, render
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class LossResult:
     examples: int
     decision_accuracy: float | None = None  # share of `decisions` rows whose first answer word was right
     decisions: int = 0
+    nll: list[float] | None = None  # per input row, summed over its answer tokens (nan: no answer token left)
+    row_tokens: list[int] | None = None
+    rows: list[RowScore] | None = None  # the same by row key, with the scored answer's bytes (evaluate_model)
 
     @property
     def perplexity(self) -> float:
@@ -55,15 +59,18 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
     """Loss per answer token; with `decisions` (per row: the index of its true decision in
     `decision_ids`, or None), also the share of rows whose most likely first answer token is it."""
     golds = list(decisions) or [None] * len(encoded)
-    rows = [(e, g) for e, g in zip(encoded, golds, strict=True) if any(t != IGNORE_INDEX for t in e.labels)]
-    rows.sort(key=lambda row: len(row[0].input_ids))  # batches of similar lengths: less padding to compute
+    rows = [(i, e, g) for i, (e, g) in enumerate(zip(encoded, golds, strict=True))
+            if any(t != IGNORE_INDEX for t in e.labels)]
+    rows.sort(key=lambda row: len(row[1].input_ids))  # batches of similar lengths: less padding to compute
     if not rows:
         raise ValueError("no example has answer tokens left after truncation; raise model.max_seq_length")
     dev = next(model.parameters()).device
-    total_nll, total_tokens, right, judged = 0.0, 0, 0, 0
+    right, judged = 0, 0
+    row_nll: list[float | None] = [None] * len(encoded)
+    row_tokens = [0] * len(encoded)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = [e for e, _ in rows[start:start + batch_size]]
+            batch = [e for _, e, _ in rows[start:start + batch_size]]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -76,25 +83,43 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
             # token t predicts token t+1
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                   labels[:, 1:].reshape(-1).to(dev), ignore_index=IGNORE_INDEX,
-                                  reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-            for i, (e, gold) in enumerate(rows[start:start + batch_size]):
+                                  reduction="none").view(len(batch), width - 1).sum(dim=1).tolist()
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            for i, (index, e, gold) in enumerate(rows[start:start + batch_size]):
+                row_nll[index], row_tokens[index] = float(nll[i]), int(counts[i])
                 if gold is not None:  # the logits just before the first answer token predict it
                     first = next(t for t, label in enumerate(e.labels) if label != IGNORE_INDEX)
                     right += int(int(logits[i, first - 1, list(decision_ids)].argmax()) == gold)
                     judged += 1
-    return LossResult(total_nll / total_tokens, total_tokens, len(rows), right / judged if judged else None, judged)
+    total_nll, total_tokens = sum(x for x in row_nll if x is not None), sum(row_tokens)
+    return LossResult(total_nll / total_tokens, total_tokens, len(rows), right / judged if judged else None, judged,
+                      [x if x is not None else float("nan") for x in row_nll], row_tokens)
+
+
+def row_scores(tokenizer: Any, examples: Sequence[QAExample], encoded: Sequence[Encoded],
+               result: LossResult) -> list[RowScore]:
+    """Per test row: its answer NLL and token count under this model, and the UTF-8 bytes of the
+    answer text that was scored (what truncation left of it), for a tokenizer-free comparison."""
+    assert result.nll is not None and result.row_tokens is not None
+    out = []
+    for ex, enc, nll, n in zip(examples, encoded, result.nll, result.row_tokens, strict=True):
+        if n:
+            text = tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX], skip_special_tokens=True)
+            out.append(RowScore(ex.key, nll, n, len(text.encode("utf-8"))))
+    return out
 
 
 def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
                    batch_size: int) -> LossResult:
+    """The model's loss on `examples`, with each row's score by key."""
     encoded = encode_all(tokenizer, examples, fmt)
     golds = [DECISIONS.index(ex.decision) if fmt.lead_with_decision and ex.decision in DECISIONS else None
              for ex in examples]
     if not any(g is not None for g in golds):
-        return token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-    return token_loss(model, encoded, tokenizer.pad_token_id, batch_size, golds, decision_token_ids(tokenizer))
+        result = token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
+    else:
+        result = token_loss(model, encoded, tokenizer.pad_token_id, batch_size, golds, decision_token_ids(tokenizer))
+    return replace(result, nll=None, row_tokens=None, rows=row_scores(tokenizer, examples, encoded, result))
 
 
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,

@@ -115,61 +115,96 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Challenger vs champion (or the bare base model) on the same test split, in this run."""
+    """Challenger vs champion (or the bare base model) on the same test rows, each model with its
+    own prompt settings, and the decision (ml/promotion.py) with what it depends on."""
     from ml.evaluate import evaluate_model, generate_answers
-    from ml.modeling import load_with_adapter
+    from ml.identity import adapter_hash, base_identity, keys_hash, row_hashes, tokenizer_fingerprint, trained_on
+    from ml.modeling import load_with_adapter, model_ref
+    from ml.promotion import Decision, RowScore, Scores
     from ml.prompt import PromptFormat
-    from ml.registry import champion, decide
+    from ml.registry import champion
 
     test = read_split(paths.splits, "test")
-    m = cfg.model
+    m, reg = cfg.model, cfg.registry
     fmt = PromptFormat.from_config(cfg)
-    args = (fmt, cfg.eval.batch_size)
     model, tokenizer = load_with_adapter(m, paths.train / "adapter")
-    challenger = evaluate_model(model, tokenizer, test, *args)
+    challenger = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
     log.info("challenger test loss %.4f over %d answer tokens%s", challenger.loss, challenger.tokens,
              _accuracy(challenger))
+    ref = model_ref(m)
+    identity = {"base_identity": base_identity(m.base_model, ref, getattr(model.config, "_commit_hash", None),
+                                               m.revision),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
+                "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
+    write_json(paths.reports / "train_rows.json", row_hashes(read_split(paths.splits, "train")))
 
     shutil.rmtree(paths.champion, ignore_errors=True)
-    champ = champion(cfg.registry, paths.champion)
+    champ = champion(reg, paths.champion)
     shown = test[:cfg.eval.num_sample_generations]
-    gen_args = (fmt, cfg.eval.max_new_tokens)
-    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans}
-               for ex, ans in zip(shown, generate_answers(model, tokenizer, shown, *gen_args), strict=True)]
+    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
+               zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
 
+    exclude: set[str] = set()
+    review = None  # a reason no automatic decision can be made, found before scoring
     if champ is None:
         with model.disable_adapter():
-            baseline = evaluate_model(model, tokenizer, test, *args)
-        baseline_name = "base model"
+            baseline = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
+        baseline_name, baseline_tok = "base model", identity["tokenizer"]
     else:
         baseline_name = f"champion v{champ.version}"
-        if champ.base_model == m.base_model:
+        champ_fmt = PromptFormat(**champ.prompt_format) if champ.prompt_format else fmt
+        if champ.trained_rows is None:
+            review = f"{baseline_name} records no training rows, so it may be scored on rows it learned"
+        else:
+            exclude = trained_on(test, champ.trained_rows)
+        if champ.base_path is None and champ.base_identity and champ.base_model == m.base_model \
+                and champ.base_identity != identity["base_identity"]:
+            review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
+                      f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
+        if champ.base_model == m.base_model and champ.base_path is None:
             # Same base weights: load the champion as a second adapter instead of a second model
             # (an 8B base in memory once, not twice).
             model.load_adapter(champ.adapter_dir, adapter_name="champion")
             model.set_adapter("champion")
             champ_model, champ_tok = model, tokenizer
         else:
-            log.warning("champion v%s was trained on %s, the challenger on %s: losses per token "
-                        "compare different tokenizations", champ.version, champ.base_model, m.base_model)
             champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
             champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
-        baseline = evaluate_model(champ_model, champ_tok, test, *args)
-        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, *gen_args), strict=True):
+        baseline = evaluate_model(champ_model, champ_tok, test, champ_fmt, cfg.eval.batch_size)
+        baseline_tok = tokenizer_fingerprint(champ_tok)
+        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, champ_fmt,
+                                                      cfg.eval.max_new_tokens), strict=True):
             row["champion"] = ans
     log.info("%s test loss %.4f%s", baseline_name, baseline.loss, _accuracy(baseline))
-    decision = decide(challenger.loss, baseline.loss, baseline_name, cfg.registry.min_delta)
+
+    def scores(result: Any, tok: str) -> Scores:
+        return Scores([RowScore(**r) if isinstance(r, dict) else r for r in result.rows], tok)
+
+    decision = decide_from(cfg, scores(challenger, identity["tokenizer"]), scores(baseline, baseline_tok),
+                           baseline_name, exclude)
+    if review and decision.outcome != "needs_review":
+        decision = Decision(**{**asdict(decision), "outcome": "needs_review",
+                               "reason": f"NEEDS REVIEW: {review}; scores: {decision.reason}"})
     log.info("decision: %s", decision.reason)
 
     decisions = collections.Counter(ex.decision for ex in test if ex.decision and fmt.lead_with_decision)
     report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "champion_version": champ.version if champ else None, "decision": asdict(decision),
+              "identity": identity, "excluded_rows": sorted(exclude),
               # what always answering the most common decision scores on this test split
               "decision_majority_share": max(decisions.values()) / sum(decisions.values()) if decisions else None,
               "samples": samples}
     write_json(paths.reports / "evaluation.json", report)
     return {"challenger_loss": challenger.loss, "baseline_loss": baseline.loss,
-            "baseline": baseline_name, "promote": decision.promote}
+            "baseline": baseline_name, "promote": decision.promote, "outcome": decision.outcome}
+
+
+def decide_from(cfg: PipelineConfig, challenger: Any, baseline: Any, baseline_name: str, exclude: set[str]) -> Any:
+    from ml.promotion import decide
+
+    r = cfg.registry
+    return decide(challenger, baseline, baseline_name, min_delta=r.min_delta, confidence=r.confidence,
+                  resamples=r.bootstrap_resamples, seed=r.bootstrap_seed, min_rows=r.min_rows, exclude=exclude)
 
 
 def _accuracy(result: Any) -> str:
@@ -179,16 +214,23 @@ def _accuracy(result: Any) -> str:
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
              tags: dict[str, str] | None = None) -> dict[str, str]:
-    from ml.registry import Decision, log_and_register
+    from ml.identity import adapter_hash
+    from ml.promotion import Decision
+    from ml.registry import log_and_register
 
     ev = read_json(paths.reports / "evaluation.json")
+    _same_adapter(paths, ev, adapter_hash)
     snap = read_json(paths.data / "snapshot.json")
     tr = read_json(paths.train / "train_result.json")
     decision = Decision(**ev["decision"])
     metrics = {"test_loss": ev["challenger"]["loss"], "baseline_test_loss": ev["baseline"]["loss"],
                "test_answer_tokens": ev["challenger"]["tokens"], "final_train_loss": tr["train_loss"],
                "train_runtime_s": tr["runtime_s"], "train_examples": tr["train_examples"],
-               "truncated_train_examples": tr["truncated_examples"], "dataset_rows": snap["rows"]}
+               "truncated_train_examples": tr["truncated_examples"], "dataset_rows": snap["rows"],
+               "test_rows_compared": decision.rows}
+    for key in ("challenger_nats_per_byte", "baseline_nats_per_byte", "improvement", "low", "high"):
+        if getattr(decision, key) is not None:
+            metrics[{"low": "improvement_low", "high": "improvement_high"}.get(key, key)] = getattr(decision, key)
     if tr["eval_loss"] is not None:
         metrics["final_val_loss"] = tr["eval_loss"]
     for prefix, result in (("", ev["challenger"]), ("baseline_", ev["baseline"])):
@@ -196,44 +238,134 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
             metrics[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
     if ev.get("decision_majority_share") is not None:
         metrics["test_decision_majority_share"] = ev["decision_majority_share"]
-    all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"], **(tags or {})}
+    all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"],
+                "config_sha256": config_hash(cfg), **ev["identity"], **(tags or {})}
     reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics,
                            decision=decision, samples=ev["samples"])
     write_json(paths.reports / "registered.json", asdict(reg))
     return asdict(reg)
 
 
-def _decided(paths: RunPaths) -> tuple[Any, Any]:
-    """(Registered, Decision) of this run, as register and evaluate wrote them."""
-    from ml.registry import Decision, Registered
+def _same_adapter(paths: RunPaths, ev: dict[str, Any], adapter_hash: Any) -> str:
+    """The adapter on disk must be the one evaluated (a re-run under the same key may have replaced it)."""
+    from ml.errors import RegistryConflict
 
-    return (Registered(**read_json(paths.reports / "registered.json")),
-            Decision(**read_json(paths.reports / "evaluation.json")["decision"]))
+    now, evaluated = adapter_hash(paths.train / "adapter"), ev["identity"]["adapter_sha256"]
+    if now != evaluated:
+        raise RegistryConflict(f"the adapter in {paths.train} ({now}) is not the one evaluated ({evaluated}): "
+                               "another attempt rewrote it; run evaluate again")
+    return str(now)
 
 
-def promote(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Move @champion to this run's version. Only a version its evaluation chose can get it."""
-    from ml.registry import promote_version
+def _decided(paths: RunPaths) -> tuple[Any, Any, dict[str, Any]]:
+    """(Registered, Decision, evaluation report) of this run, as register and evaluate wrote them."""
+    from ml.promotion import Decision
+    from ml.registry import Registered
 
-    registered, decision = _decided(paths)
+    ev = read_json(paths.reports / "evaluation.json")
+    return Registered(**read_json(paths.reports / "registered.json")), Decision(**ev["decision"]), ev
+
+
+def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> dict[str, Any]:
+    """Move @champion to this run's version: only a version its evaluation chose, holding the adapter
+    that was evaluated, and only while @champion is still where it was when it was evaluated.
+
+    If the champion moved meanwhile: moved by another pipeline run, the challenger is scored again
+    against the new champion and decided anew; moved by a person (a manual promotion or rollback),
+    the decision becomes needs_review."""
+    from ml.identity import adapter_hash
+    from ml.registry import champion_set_by, champion_version, check_adapter, promote_version, registry_lock
+
+    registered, decision, ev = _decided(paths)
     if not decision.promote:
         raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
-    promote_version(cfg.registry, registered, decision)
-    return {"version": registered.version, "promoted": True, "reason": decision.reason}
+    adapter = _same_adapter(paths, ev, adapter_hash)
+    check_adapter(cfg.registry, registered, adapter)
+    key = run_key or paths.root.name
+    with registry_lock(cfg.registry):
+        now, expected = champion_version(cfg.registry), ev["champion_version"]
+        if now != expected:
+            set_by = champion_set_by(cfg.registry)
+            log.warning("@%s moved from %s to %s since this run was evaluated (%s)", cfg.registry.champion_alias,
+                        expected, now, set_by)
+            if set_by.startswith("manual"):
+                from ml.promotion import Decision
+
+                reason = (f"NEEDS REVIEW: @{cfg.registry.champion_alias} was moved by hand ({set_by}) to v{now} after "
+                          f"this run was evaluated against {decision.baseline}; a person's choice is not overridden. "
+                          f"Scores then: {decision.reason}")
+                decision = Decision(**{**asdict(decision), "outcome": "needs_review", "reason": reason})
+                _write_decision(paths, ev, decision)
+                return keep(cfg, paths)
+            evaluate(cfg, paths)  # against the new champion, under the lock: nothing moves meanwhile
+            registered, decision, ev = _decided(paths)
+            if not decision.promote:
+                return keep(cfg, paths)
+        promote_version(cfg.registry, registered, decision, ev["champion_version"], key)
+    return {"version": registered.version, "promoted": True, "outcome": "promote", "reason": decision.reason}
+
+
+def _write_decision(paths: RunPaths, ev: dict[str, Any], decision: Any) -> None:
+    write_json(paths.reports / "evaluation.json", {**ev, "decision": asdict(decision)})
+
+
+def final_decision(paths: RunPaths) -> dict[str, Any]:
+    """The decision as it stands after promote or keep (promotion may have re-scored it)."""
+    return read_json(paths.reports / "evaluation.json")["decision"]  # type: ignore[no-any-return]
 
 
 def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Keep the champion: tag this run's version rejected, with the reason."""
+    """Keep the champion: tag this run's version rejected (or needs_review), with the reason."""
     from ml.registry import reject_version
 
-    registered, decision = _decided(paths)
+    registered, decision, _ = _decided(paths)
     reject_version(cfg.registry, registered, decision)
-    return {"version": registered.version, "promoted": False, "reason": decision.reason}
+    return {"version": registered.version, "promoted": False, "outcome": decision.outcome, "reason": decision.reason}
 
 
-def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
-    """Every step in order, without Airflow; the wall time of each comes back as `seconds`."""
+def config_hash(cfg: PipelineConfig) -> str:
+    """The effective config, minus where the run writes: equal hashes train the same way."""
+    import hashlib
+    import json
+
+    body = cfg.model_dump(mode="json", exclude={"output_dir", "description", "schedule"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def freeze(cfg: PipelineConfig, paths: RunPaths) -> PipelineConfig:
+    """The run's effective config, written once when it starts; later steps read this copy, so a
+    profile edited mid-run changes nothing in it."""
+    frozen = paths.root / "config.json"
+    if frozen.exists():
+        return PipelineConfig.model_validate(read_json(frozen))
+    write_json(frozen, cfg.model_dump(mode="json"))
+    return cfg
+
+
+def unchanged(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> str | None:
+    """Why training would repeat the champion's (same data fingerprint, same effective config), or
+    None. With a run key, a skip is noted in MLflow as a finished run that says so."""
+    from ml.registry import champion_tags, log_skipped
+
+    snap = read_json(paths.data / "snapshot.json")
+    tags = champion_tags(cfg.registry)
+    if not (tags and tags.get("data_fingerprint") == snap["fingerprint"]
+            and tags.get("config_sha256") == config_hash(cfg)):
+        return None
+    reason = (f"nothing changed since champion v{tags['version']}: the same data (fingerprint "
+              f"{snap['fingerprint'][:16]}) and the same effective config ({config_hash(cfg)}); "
+              "trigger with force=true to train anyway")
+    log.info("skipping: %s", reason)
+    if run_key:
+        log_skipped(cfg, run_key, reason, snap)
+    return reason
+
+
+def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str, Any]:
+    """Every step in order, without Airflow; the wall time of each comes back as `seconds`.
+    Unless `force`, a run whose data and config equal the champion's stops after loading."""
     paths = run_paths(cfg, run_key)
+    cfg = freeze(cfg, paths)
     seconds: dict[str, float] = {}
 
     def timed(name: str, step: Any, *args: Any) -> Any:
@@ -244,10 +376,13 @@ def run_all(cfg: PipelineConfig, run_key: str) -> dict[str, Any]:
         return out
 
     snap = timed("load", load)
+    skipped = None if force else unchanged(cfg, paths, run_key)
+    if skipped:
+        return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped, "seconds": seconds}
     timed("validate", validate)
     timed("prepare", prepare)
     timed("train", train)
     promoted = timed("evaluate", evaluate)["promote"]
     timed("register", register, run_key)
-    result = timed("promote" if promoted else "keep", promote if promoted else keep)
+    result = timed("promote", promote, run_key) if promoted else timed("keep", keep)
     return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result, "seconds": seconds}

@@ -3,16 +3,23 @@
 Order matters for "nothing half-written": the run gets params, metrics and
 artifacts first, the model version is registered last, and only the promote
 step moves the `champion` alias. A retried task finds the version its first
-attempt registered instead of registering a second one.
+attempt registered (same run key and same adapter content) instead of registering a second one.
+Every alias move happens under `registry_lock`, after re-reading the alias it replaces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import getpass
+import hashlib
 import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,13 +32,17 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from ml.errors import ConfigError, RegistryConflict
 from ml.plots import loss_curve
+from ml.promotion import Decision
 from ml.prompt import PromptFormat
 from ml.serving import signature
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "pipeline.run_key"
+ADAPTER_TAG = "adapter_sha256"
+SET_BY_TAG = "champion_set_by"  # on the registered model: "pipeline <run key>" or "manual <user>"
 
 
 @dataclass(frozen=True)
@@ -42,16 +53,9 @@ class Champion:
     adapter_dir: str
     base_model: str  # as configured when it was trained (hub id or path)
     base_path: str | None  # the base weights shipped inside the model, if any
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    challenger_loss: float
-    baseline_loss: float
-    baseline: str  # "champion v3" or "base model"
-    min_delta: float
-    reason: str
+    base_identity: str | None  # what the base was when it trained (ml.identity.base_identity)
+    prompt_format: dict[str, Any] | None  # the prompt settings it was trained and logged with
+    trained_rows: dict[str, list[str]] | None  # content hashes of its training rows (ml.identity.row_hashes)
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,6 @@ class Registered:
     run_id: str
     version: str
     model_uri: str
-
-
-def decide(challenger_loss: float, baseline_loss: float, baseline: str, min_delta: float) -> Decision:
-    """Promote only on a strict improvement of more than `min_delta` in held-out loss per token."""
-    improvement = baseline_loss - challenger_loss
-    promote = improvement > min_delta
-    verb = "beats" if promote else "does not beat"
-    reason = (f"challenger {challenger_loss:.4f} {verb} {baseline} {baseline_loss:.4f} "
-              f"by more than min_delta={min_delta:g} (improvement {improvement:+.4f})")
-    return Decision(promote, challenger_loss, baseline_loss, baseline, min_delta, reason)
 
 
 def connect(reg: RegistryConfig) -> MlflowClient:
@@ -89,23 +83,64 @@ def ensure_experiment(reg: RegistryConfig) -> str:
     return str(client.create_experiment(reg.experiment, artifact_location=location))
 
 
-def champion(reg: RegistryConfig, dst: Path) -> Champion | None:
-    """The current champion, downloaded to `dst`, or None when no version holds the alias."""
-    client = connect(reg)
+def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+    """The version holding `alias`, None when none does; any other failure is raised (an alias
+    read wrongly as absent would lose `previous_champion`)."""
     try:
-        mv = client.get_model_version_by_alias(reg.model_name, reg.champion_alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def champion_version(reg: RegistryConfig) -> str | None:
+    mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
+    return str(mv.version) if mv is not None else None
+
+
+def champion_tags(reg: RegistryConfig) -> dict[str, str] | None:
+    """The champion version's tags and its number (`version`), or None when there is no champion."""
+    try:
+        mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):  # no registered model yet
+            return None
+        raise
+    return {**mv.tags, "version": str(mv.version)} if mv is not None else None
+
+
+def log_skipped(cfg: PipelineConfig, run_key: str, reason: str, snapshot: dict[str, Any]) -> str:
+    """A finished run that says why this retrain did not train: nothing changed since the champion."""
+    experiment_id = ensure_experiment(cfg.registry)
+    tags = {RUN_KEY_TAG: run_key, "pipeline.stage": "skipped", "decision": "skipped", "decision_reason": reason,
+            "data_fingerprint": snapshot["fingerprint"], "profile": cfg.profile, "mlflow.note.content": reason}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (skipped)", tags=tags) as run:
+        mlflow.log_metric("dataset_rows", snapshot["rows"])
+    return str(run.info.run_id)
+
+
+def champion(reg: RegistryConfig, dst: Path) -> Champion | None:
+    """The current champion, downloaded to `dst`, or None when no version holds the alias."""
+    mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
+    if mv is None:
+        return None
     model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{reg.model_name}/{mv.version}", dst_path=str(dst)))
-    artifacts = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    artifacts, model_config = flavor["artifacts"], flavor.get("model_config") or {}
     embedded = artifacts.get("base_model")
     base = mv.tags.get("base_model", "")
+    try:
+        rows_file = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="reports/train_rows.json",
+                                                        dst_path=str(dst / "run"))
+        trained_rows = json.loads(Path(rows_file).read_text())
+    except (MlflowException, OSError):  # a version from before rows were recorded
+        trained_rows = None
     log.info("champion is version %s of %s (base %s)", mv.version, reg.model_name, base)
     return Champion(str(mv.version), mv.run_id, str(model_dir), str(model_dir / artifacts["adapter"]["path"]),
-                    base, str(model_dir / embedded["path"]) if embedded else None)
+                    base, str(model_dir / embedded["path"]) if embedded else None, mv.tags.get("base_identity"),
+                    model_config.get("prompt_format"), trained_rows)
 
 
 def git_commit() -> str | None:
@@ -117,8 +152,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def find_registered(reg: RegistryConfig, run_key: str) -> Registered | None:
-    """The version an earlier attempt of this pipeline run registered, if any."""
+def find_registered(reg: RegistryConfig, run_key: str, adapter: str) -> Registered | None:
+    """The version an earlier attempt of this pipeline run registered for this very adapter, if any
+    (another attempt's adapter under the same key is another version)."""
     client = connect(reg)
     exp = client.get_experiment_by_name(reg.experiment)
     if exp is None:
@@ -129,9 +165,9 @@ def find_registered(reg: RegistryConfig, run_key: str) -> Registered | None:
             versions = client.search_model_versions(f"name='{reg.model_name}' and run_id='{run.info.run_id}'")
         except MlflowException:
             continue
-        if versions:
-            v = versions[0]
-            return Registered(run.info.run_id, str(v.version), f"models:/{reg.model_name}/{v.version}")
+        for v in versions:
+            if v.tags.get(ADAPTER_TAG) == adapter:
+                return Registered(run.info.run_id, str(v.version), f"models:/{reg.model_name}/{v.version}")
     return None
 
 
@@ -149,9 +185,10 @@ def _log_curve(client: MlflowClient, run_id: str, history: list[dict[str, Any]])
 
 def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: dict[str, str],
                      metrics: dict[str, float], decision: Decision, samples: list[dict[str, str]]) -> Registered:
-    """Log one MLflow run with everything the run produced and register its adapter as a new version."""
+    """Log one MLflow run with everything the run produced and register its adapter as a new version.
+    `tags` must carry the evaluated adapter's hash (ADAPTER_TAG)."""
     reg = cfg.registry
-    existing = find_registered(reg, run_key)
+    existing = find_registered(reg, run_key, tags[ADAPTER_TAG])
     if existing:
         log.info("run %s already registered version %s; not registering again", run_key, existing.version)
         return existing
@@ -161,7 +198,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     adapter_dir = run_dir / "train" / "adapter"
 
     all_tags = {RUN_KEY_TAG: run_key, "base_model": cfg.model.base_model, "profile": cfg.profile,
-                "decision": "promote" if decision.promote else "reject", **tags}
+                "decision": decision.outcome, **tags}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
@@ -202,9 +239,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         # Registration comes last: a run that failed above leaves no version behind.
         mv = mlflow.register_model(info.model_uri, reg.model_name,
                                    tags={k: v for k, v in all_tags.items() if not k.startswith("mlflow.")})
-    for key, value in (("challenger_loss", decision.challenger_loss), ("baseline_loss", decision.baseline_loss),
-                       ("baseline", decision.baseline), ("decision_reason", decision.reason)):
-        client.set_model_version_tag(reg.model_name, mv.version, key, str(value))
+    _decision_tags(client, reg, str(mv.version), decision)
     log.info("logged run %s and registered %s version %s", run_id, reg.model_name, mv.version)
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
 
@@ -235,26 +270,106 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def promote_version(reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
-    """Move @champion to the version; the one it replaces keeps @previous_champion."""
+def _decision_tags(client: MlflowClient, reg: RegistryConfig, version: str, decision: Decision) -> None:
+    tags = {"challenger_loss": f"{decision.challenger_loss:.4f}", "baseline_loss": f"{decision.baseline_loss:.4f}",
+            "baseline": decision.baseline, "decision_reason": decision.reason, "compared_rows": str(decision.rows)}
+    if decision.low is not None:
+        tags["improvement_interval"] = (
+            f"{decision.improvement:+.4f} [{decision.low:+.4f}, {decision.high:+.4f}] "
+            f"({decision.confidence:.0%}, {decision.resamples} resamples, seed {decision.seed})")
+    for key, value in tags.items():
+        client.set_model_version_tag(reg.model_name, version, key, value)
+
+
+@contextlib.contextmanager
+def registry_lock(reg: RegistryConfig) -> Iterator[None]:
+    """One alias move at a time for a registered model, across the processes of this machine (CLI
+    runs, local executors); the DAG's registry pool of one slot serialises workers on other hosts."""
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{reg.model_name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"ml-registry-{key}.lock"
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_adapter(reg: RegistryConfig, registered: Registered, adapter: str) -> None:
+    """The version must hold the adapter that was evaluated (a re-run under the same key cannot swap it)."""
+    mv = connect(reg).get_model_version(reg.model_name, registered.version)
+    if mv.tags.get(ADAPTER_TAG) != adapter:
+        raise RegistryConflict(f"version {registered.version} holds adapter {mv.tags.get(ADAPTER_TAG)}, not the "
+                               f"evaluated {adapter}: it belongs to another attempt; nothing was promoted")
+
+
+def champion_set_by(reg: RegistryConfig) -> str:
+    model = connect(reg).get_registered_model(reg.model_name)
+    return str(model.tags.get(SET_BY_TAG, ""))
+
+
+def move_champion(reg: RegistryConfig, version: str, expected: str | None, set_by: str) -> str | None:
+    """Give @champion to `version` if it still is at `expected` (call under `registry_lock`);
+    the version it leaves keeps @previous_champion. Returns that version."""
     client = connect(reg)
-    name, version = reg.model_name, registered.version
-    try:
-        previous = client.get_model_version_by_alias(name, reg.champion_alias)
-    except MlflowException:
-        previous = None
-    if previous is not None and str(previous.version) != version:
-        client.set_registered_model_alias(name, reg.previous_alias, previous.version)
-        client.set_model_version_tag(name, previous.version, "superseded_by", version)
+    name = reg.model_name
+    current = _alias_version(client, name, reg.champion_alias)
+    now = str(current.version) if current is not None else None
+    if now != expected:
+        raise RegistryConflict(f"@{reg.champion_alias} is at {now}, not {expected}: it moved meanwhile")
+    if now is not None and now != version:
+        client.set_registered_model_alias(name, reg.previous_alias, now)
+        client.set_model_version_tag(name, now, "superseded_by", version)
     client.set_registered_model_alias(name, reg.champion_alias, version)
+    client.set_registered_model_tag(name, SET_BY_TAG, set_by)
+    return now
+
+
+def promote_version(reg: RegistryConfig, registered: Registered, decision: Decision, expected: str | None,
+                    run_key: str) -> None:
+    """Move @champion to the version (under the lock, after the caller re-checked `expected`)."""
+    previous = move_champion(reg, registered.version, expected, f"pipeline {run_key}")
+    client = connect(reg)
+    _decision_tags(client, reg, registered.version, decision)
     _record(client, reg, registered, "promoted", decision)
-    log.info("promoted %s version %s to @%s", name, version, reg.champion_alias)
+    log.info("promoted %s version %s to @%s (previous: %s)", reg.model_name, registered.version,
+             reg.champion_alias, previous)
 
 
 def reject_version(reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
-    """Tag the version rejected; every alias stays where it is."""
-    _record(connect(reg), reg, registered, "rejected", decision)
-    log.info("rejected %s version %s: %s", reg.model_name, registered.version, decision.reason)
+    """Tag the version rejected (or needs_review); every alias stays where it is."""
+    client = connect(reg)
+    _decision_tags(client, reg, registered.version, decision)
+    _record(client, reg, registered, "needs_review" if decision.outcome == "needs_review" else "rejected", decision)
+    log.info("%s version %s not promoted: %s", reg.model_name, registered.version, decision.reason)
+
+
+def manual_move(reg: RegistryConfig, version: str | None, reason: str, action: str) -> dict[str, str | None]:
+    """A person moves @champion: to `version`, or (rollback, `version` None) back to @previous_champion.
+    Recorded on both versions and the registered model: who, when, why."""
+    if not reason.strip():
+        raise ConfigError("a manual promotion or rollback needs a --reason")
+    client = connect(reg)
+    who, when = getpass.getuser(), datetime.now(UTC).isoformat(timespec="seconds")
+    with registry_lock(reg):
+        current = _alias_version(client, reg.model_name, reg.champion_alias)
+        now = str(current.version) if current is not None else None
+        if version is None:
+            previous = _alias_version(client, reg.model_name, reg.previous_alias)
+            if previous is None:
+                raise RegistryConflict(f"no version holds @{reg.previous_alias}: nothing to roll back to")
+            version = str(previous.version)
+        client.get_model_version(reg.model_name, version)  # fails naming the version when it does not exist
+        if version == now:
+            raise RegistryConflict(f"version {version} already holds @{reg.champion_alias}")
+        move_champion(reg, version, now, f"manual {who}")
+    note = f"{action} by {who} at {when}: {reason}"
+    client.set_model_version_tag(reg.model_name, version, "decision", f"manual {action}")
+    client.set_model_version_tag(reg.model_name, version, "manual_decision", note)
+    if now is not None:
+        client.set_model_version_tag(reg.model_name, now, "manual_decision", f"replaced by v{version}: {note}")
+    log.info("%s: @%s %s -> %s", note, reg.champion_alias, now, version)
+    return {"champion": version, "previous_champion": now, "by": who, "at": when, "reason": reason}
 
 
 def _record(client: MlflowClient, reg: RegistryConfig, registered: Registered, outcome: str,

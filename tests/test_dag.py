@@ -18,7 +18,8 @@ def dag(retrain_dag: Any) -> Any:
 def test_task_graph(dag: Any) -> None:
     edges = {(up, t.task_id) for t in dag.tasks for up in t.upstream_task_ids}
     assert edges == {
-        ("load", "validate"), ("validate", "prepare"), ("prepare", "train"), ("train", "evaluate"),
+        ("load", "changed"), ("changed", "validate"), ("validate", "prepare"), ("prepare", "train"),
+        ("train", "evaluate"),
         ("evaluate", "register"), ("evaluate", "decide"), ("register", "decide"),
         ("decide", "promote_champion"), ("decide", "keep_champion"),
         ("promote_champion", "summary"), ("keep_champion", "summary"),
@@ -35,7 +36,7 @@ def test_schedule_and_concurrency(dag: Any) -> None:
 
 def test_params_form_covers_the_knobs(dag: Any) -> None:
     params = dag.params
-    assert set(PARAM_PATHS) | {"profile"} == set(params.keys())
+    assert set(PARAM_PATHS) | {"profile", "force"} == set(params.keys())
     profile = params.get_param("profile")
     assert profile.value == "e2e"  # $RETRAIN_PROFILE, set by conftest
     assert set(profile.schema["enum"]) == set(available_profiles())
