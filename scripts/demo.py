@@ -51,6 +51,10 @@ def accuracy(result: dict[str, Any]) -> str:
     return "-" if result.get("decision_accuracy") is None else f"{result['decision_accuracy']:.1%}"
 
 
+OUTCOMES = {"promote": "PROMOTED to @champion", "keep": "kept the champion",
+            "needs_review": "champion kept, NEEDS REVIEW"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", action="store_true", help="a real pretrained model on real data (make demo-real)")
@@ -84,6 +88,9 @@ def main() -> int:
     stage("Airflow metadata database (SQLite)")
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
+    # the registry tasks' pool: a scheduler (make airflow-ui) does not run tasks of a missing pool
+    subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "mlflow_registry", "1",
+                    "MLflow registry writes, one at a time"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     timings["airflow db migrate"] = time.perf_counter() - t0
 
     from airflow.dag_processing.dagbag import DagBag
@@ -129,7 +136,7 @@ def main() -> int:
             print(f"  yes/no/maybe     challenger {accuracy(ev['challenger'])} vs {d['baseline']} "
                   f"{accuracy(ev['baseline'])} right, of {ev['challenger']['decisions']} test rows "
                   f"(always the most common answer: {ev['decision_majority_share']:.1%})")
-        print(f"  decision         {'PROMOTED to @champion' if d['promote'] else 'rejected, champion kept'}"
+        print(f"  decision         {OUTCOMES[d['outcome']]}"
               f" ({d['reason']})")
     from mlflow import MlflowClient
 

@@ -35,6 +35,9 @@ case "${1:-}" in
     "$BIN/python" -m ml tiny-model --profile demo >/dev/null
     start mlflow "$BIN/mlflow" server --backend-store-uri "sqlite:///$STATE/mlflow.db" \
       --artifacts-destination "$STATE/mlartifacts" --host 127.0.0.1 --port 5000 --workers 1
+    "$BIN/airflow" db migrate >/dev/null
+    # the registry tasks' pool (one slot): the scheduler does not run tasks of a missing pool
+    "$BIN/airflow" pools set mlflow_registry 1 "MLflow registry writes, one at a time" >/dev/null
     start airflow "$BIN/airflow" standalone
     wait_for mlflow http://127.0.0.1:5000/health
     wait_for airflow http://127.0.0.1:8080/api/v2/monitor/health

@@ -141,6 +141,9 @@ def test_trigger_through_rest_and_find_the_promoted_version(
     migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True,
                              text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-3000:]
+    pool = subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "mlflow_registry", "1", "registry"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stderr[-2000:]
     commands = {
         "mlflow": [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri",
                    databases["mlflow"], "--artifacts-destination", str(tmp_path / "artifacts"),

@@ -20,6 +20,7 @@ from ml.data import QAExample, load_examples, read_split
 from ml.errors import ModelLoadError
 from ml.evaluate import decision_token_ids, generate_answers, token_loss
 from ml.modeling import load_with_adapter
+from ml.promotion import RowScore, Scores
 from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render
 from ml.runs import read_json
 
@@ -114,12 +115,27 @@ def test_a_short_lora_run_beats_the_base_model_by_more_than_run_to_run_noise(two
     assert first["decision_majority_share"] >= 0.4
 
 
+def test_two_runs_that_differ_only_in_seed_are_not_promoted_over_each_other(two_runs: list[Any]) -> None:
+    """Each beats the base model beyond noise; against each other, at the default confidence and
+    margin, neither is promoted."""
+    (cfg, _, first), (_, _, second) = two_runs
+    assert first["decision"]["outcome"] == second["decision"]["outcome"] == "promote"
+
+    def scores(ev: dict[str, Any]) -> Scores:
+        return Scores([RowScore(**r) for r in ev["challenger"]["rows"]], ev["identity"]["tokenizer"])
+
+    for a, b in ((first, second), (second, first)):
+        d = pipeline.decide_from(cfg, scores(a), scores(b), "the other seed's run", set())
+        print(d.reason)
+        assert d.outcome == "keep" and d.low is not None and d.low <= cfg.registry.min_delta, d.reason
+
+
 def test_the_registered_pyfunc_reloads_the_adapter_and_answers(two_runs: list[Any]) -> None:
     import mlflow
     import pandas as pd
 
     cfg, paths, evaluation = two_runs[0]
-    assert evaluation["decision"]["promote"]
+    assert evaluation["decision"]["outcome"] == "promote"
     registered = pipeline.register(cfg, paths, "seed-3407")
     pipeline.promote(cfg, paths)
     question = "Does regular aerobic exercise lower resting blood pressure in adults?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+
 @pytest.mark.slow
 def test_champion_is_none_on_an_empty_registry(tracking: str, tmp_path: object) -> None:
     from pathlib import Path

@@ -1,0 +1,188 @@
+"""Promotion against a real MLflow server, with real tiny-model training: another tokenizer,
+concurrent pipelines, a manual rollback mid-run, a reused run key, a re-keyed dataset, an
+unchanged dataset. Each test has a registered model of its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT
+
+from ml import pipeline
+from ml.config import load_config
+from ml.data import read_split
+from ml.errors import RegistryConflict
+from ml.runs import read_json
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(name: str, tmp: Path, **overrides: Any) -> Any:
+    return load_config("e2e", {"registry.model_name": name, "output_dir": str(tmp / "runs"), **overrides})
+
+
+def _until_register(cfg: Any, key: str) -> Any:
+    paths = pipeline.run_paths(cfg, key)
+    cfg = pipeline.freeze(cfg, paths)
+    for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
+        step(cfg, paths)
+    pipeline.register(cfg, paths, key)
+    return paths
+
+
+def _alias(client: Any, name: str, alias: str) -> str | None:
+    aliases = client.get_registered_model(name).aliases
+    return str(aliases[alias]) if alias in aliases else None
+
+
+def _version_of(client: Any, name: str, run_key: str) -> Any:
+    (v,) = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("pipeline.run_key") == run_key]
+    return v
+
+
+@pytest.fixture()
+def client(tracking: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking)
+
+
+def test_a_challenger_with_another_tokenizer_is_not_promoted_and_says_why(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    from ml.data import load_examples
+    from ml.prompt import PromptFormat
+    from ml.tiny import build_tiny_model
+
+    cfg = _cfg("p-tokenizer", tmp_path)
+    assert pipeline.run_all(cfg, "first")["promoted"]
+    other = build_tiny_model(load_examples(cfg.data), tmp_path / "tiny-1024", PromptFormat.from_config(cfg),
+                             vocab_size=1024)
+    result = pipeline.run_all(_cfg("p-tokenizer", tmp_path, **{"model.base_model": str(other)}), "other-tokenizer")
+    assert result["outcome"] == "needs_review" and "different tokenizers" in result["reason"], result
+    assert "per answer byte" in result["reason"]
+    assert _alias(client, "p-tokenizer", "champion") == "1"
+    assert _version_of(client, "p-tokenizer", "other-tokenizer").tags["decision"] == "needs_review"
+
+
+def test_two_pipelines_started_together_end_with_the_better_model_on_champion(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """Both are scored against the base model; whichever promotes second finds @champion moved,
+    is scored again against it, and moves the alias only if it is better."""
+    name = "p-race"
+    procs = {key: subprocess.Popen(
+        [sys.executable, "-m", "ml", "pipeline", "--profile", "e2e", "--run-key", key,
+         "--set", f"registry.model_name={name}", "--set", f"output_dir={tmp_path / 'runs'}",
+         "--set", f"train.max_steps={steps}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for key, steps in (("weak", 3), ("strong", 60))}
+    outputs = {key: p.communicate(timeout=900)[0] for key, p in procs.items()}
+    for key, p in procs.items():
+        assert p.returncode == 0, outputs[key][-3000:]
+    weak, strong = _version_of(client, name, "weak"), _version_of(client, name, "strong")
+    assert _alias(client, name, "champion") == str(strong.version), (weak.tags, strong.tags)
+    # previous_champion names whatever held the alias before the strong run took it
+    held_before = str(weak.version) if weak.tags["decision"] == "promoted" else None
+    assert _alias(client, name, "previous_champion") == held_before
+    if held_before is None:  # the strong run promoted first; the weak one was scored again against it
+        assert "champion v" in weak.tags["baseline"] and weak.tags["decision"] == "rejected", weak.tags
+
+
+def test_a_worse_run_promoting_last_is_scored_again_against_the_new_champion(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """The interleaving that used to put the worse model on @champion, made deterministic: both
+    runs are evaluated against the base model before either promotes; the better one promotes first."""
+    name = "p-interleave"
+    weak_cfg = _cfg(name, tmp_path, **{"train.max_steps": 3})
+    strong_cfg = _cfg(name, tmp_path, **{"train.max_steps": 60})
+    weak, strong = _until_register(weak_cfg, "weak"), _until_register(strong_cfg, "strong")
+    for paths in (weak, strong):
+        ev = read_json(paths.reports / "evaluation.json")
+        assert ev["decision"]["outcome"] == "promote" and ev["champion_version"] is None
+    pipeline.promote(strong_cfg, strong, "strong")
+    result = pipeline.promote(weak_cfg, weak, "weak")
+    strong_version = read_json(strong.reports / "registered.json")["version"]
+    assert not result["promoted"] and f"champion v{strong_version}" in result["reason"], result
+    assert _alias(client, name, "champion") == strong_version and _alias(client, name, "previous_champion") is None
+
+
+def test_a_manual_rollback_between_evaluate_and_promote_is_respected(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    name = "p-rollback"
+    for key, steps in (("r1", 3), ("r2", 30)):
+        assert pipeline.run_all(_cfg(name, tmp_path, **{"train.max_steps": steps}), key)["promoted"], key
+    cfg = _cfg(name, tmp_path, **{"train.max_steps": 90})
+    paths = _until_register(cfg, "r3")
+    assert read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
+    out = subprocess.run([sys.executable, "-m", "ml", "rollback", "--profile", "e2e", "--set",
+                          f"registry.model_name={name}", "--reason", "v2 answers drift"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (_alias(client, name, "champion"), _alias(client, name, "previous_champion")) == ("1", "2")
+    v1 = client.get_model_version(name, "1")
+    assert "rollback by" in v1.tags["manual_decision"] and "v2 answers drift" in v1.tags["manual_decision"]
+
+    result = pipeline.promote(pipeline.freeze(cfg, paths), paths, "r3")
+    assert result["outcome"] == "needs_review" and "moved by hand" in result["reason"], result
+    assert _alias(client, name, "champion") == "1" and client.get_model_version(name, "3").tags["decision"] == \
+        "needs_review"
+
+
+def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    name = "p-rerun"
+    cfg = _cfg(name, tmp_path, **{"train.max_steps": 30})
+    paths = _until_register(cfg, "same-key")
+    first = read_json(paths.reports / "registered.json")
+    # another attempt under the same key trains again and rewrites the adapter after that evaluation
+    pipeline.train(_cfg(name, tmp_path, **{"train.max_steps": 32, "train.learning_rate": 1e-3}), paths)
+    with pytest.raises(RegistryConflict, match="not the one evaluated"):
+        pipeline.promote(cfg, paths, "same-key")
+    assert _alias(client, name, "champion") is None
+    # evaluated again, it registers as a version of its own (not the first attempt's), and only that promotes
+    pipeline.evaluate(cfg, paths)
+    second = pipeline.register(cfg, paths, "same-key")
+    assert second["version"] != first["version"]
+    pipeline.promote(cfg, paths, "same-key")
+    assert _alias(client, name, "champion") == second["version"]
+    adapters = {v.version: v.tags["adapter_sha256"] for v in client.search_model_versions(f"name='{name}'")}
+    assert adapters[first["version"]] != adapters[second["version"]]
+
+
+def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset_is_rekeyed(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    name = "p-rekey"
+    first = pipeline.run_all(_cfg(name, tmp_path), "by-pmid")
+    assert first["promoted"]
+    trained_questions = {ex.question for ex in read_split(Path(first["run_dir"]) / "splits", "train")}
+    # keyed by question text instead of PMID: every key changes, and so do the splits
+    rekeyed = _cfg(name, tmp_path, **{"data.id_column": None})
+    result = pipeline.run_all(rekeyed, "by-question")
+    ev = read_json(Path(result["run_dir"]) / "reports" / "evaluation.json")
+    test = read_split(Path(result["run_dir"]) / "splits", "test")
+    overlap = {ex.key for ex in test if ex.question in trained_questions}
+    assert overlap and set(ev["excluded_rows"]) == overlap
+    decision = ev["decision"]
+    assert decision["dropped_rows"] == len(overlap)
+    assert decision["rows"] == len(test) - len(overlap) or decision["outcome"] == "needs_review"
+    if decision["outcome"] == "needs_review":
+        assert f"{len(overlap)} dropped" in decision["reason"]
+
+
+def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    name = "p-skip"
+    cfg = _cfg(name, tmp_path, **{"train.max_steps": 10})
+    assert pipeline.run_all(cfg, "first")["promoted"]
+    again = pipeline.run_all(cfg, "again")
+    assert "nothing changed since champion v1" in again["skipped"] and "train" not in again["seconds"]
+    assert not (Path(again["run_dir"]) / "train").exists()
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    (note,) = client.search_runs([exp.experiment_id], "tags.`pipeline.run_key` = 'again'")
+    assert note.data.tags["decision"] == "skipped" and note.info.status == "FINISHED"
+    forced = pipeline.run_all(cfg, "forced", force=True)
+    assert "skipped" not in forced and json.loads(json.dumps(forced))["version"] == "2"
