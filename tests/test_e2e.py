@@ -1,8 +1,9 @@
 """The whole DAG, run by Airflow's `dag.test()`, against a real MLflow server.
 
 One module, in order: a first run promotes over the base model, a longer run
-beats that champion, a run that cannot learn (lr 0) is rejected, a run on bad
-data stops at the gate. After each, the registry must say exactly that.
+beats that champion, a run that cannot learn (lr 0) is rejected, a run with the
+champion's data and config is skipped, a run on bad data stops at the gate.
+After each, the registry must say exactly that.
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert client.get_run(v3.run_id).data.tags["decision"] == "rejected"
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
+
+
+def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, client: Any) -> None:
+    dag_run = _run(retrain_dag, max_steps=90)  # what made version 2, the champion
+    assert dag_run.state == "success"
+    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["load"] == "success" and states["changed"] == "skipped"
+    assert all(states[t] == "skipped" for t in ("validate", "train", "register", "promote_champion", "summary"))
+    assert list(_versions(client)) == ["1", "2", "3"] and _alias(client, "champion") == "2"
+    exp = client.get_experiment_by_name("e2e")
+    (note,) = client.search_runs([exp.experiment_id], f"tags.`pipeline.run_key` = 'retrain_lora__{dag_run.run_id}'")
+    assert note.data.tags["decision"] == "skipped" and "nothing changed since champion v2" in \
+        note.data.tags["decision_reason"]
 
 
 def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:

@@ -130,6 +130,17 @@ def test_a_manual_rollback_between_evaluate_and_promote_is_respected(
     assert result["outcome"] == "needs_review" and "moved by hand" in result["reason"], result
     assert _alias(client, name, "champion") == "1" and client.get_model_version(name, "3").tags["decision"] == \
         "needs_review"
+    # the reviewer decides: promoted by hand, with the same bookkeeping
+    out = subprocess.run([sys.executable, "-m", "ml", "promote", "--profile", "e2e", "--set",
+                          f"registry.model_name={name}", "--version", "3", "--reason", "reviewed the answers"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (_alias(client, name, "champion"), _alias(client, name, "previous_champion")) == ("3", "1")
+    assert "promotion by" in client.get_model_version(name, "3").tags["manual_decision"]
+    missing = subprocess.run([sys.executable, "-m", "ml", "promote", "--profile", "e2e", "--set",
+                              f"registry.model_name={name}", "--version", "3"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "needs a --reason" in missing.stderr
 
 
 def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
