@@ -136,7 +136,7 @@ def decide(challenger: Scores, baseline: Scores, baseline_name: str, *, min_delt
               f"{'its lower bound is above' if promote else 'promotion needs its lower bound above'} "
               f"min_delta={min_delta:g}; {per_byte}")
     half = (iv.high - iv.low) / 2
-    if not promote and half > min_delta:
+    if not promote and iv.high > min_delta and half > min_delta:  # inconclusive, not clearly worse
         reason += (f". This split is too small to detect an improvement of {min_delta:g}: at {len(kept)} rows "
                    f"only improvements above about {min_delta + half:.3f} can be told from noise")
     return Decision("promote" if promote else "keep", reason=reason, improvement=iv.improvement, low=iv.low,

@@ -359,7 +359,10 @@ def manual_move(reg: RegistryConfig, version: str | None, reason: str, action: s
             if previous is None:
                 raise RegistryConflict(f"no version holds @{reg.previous_alias}: nothing to roll back to")
             version = str(previous.version)
-        client.get_model_version(reg.model_name, version)  # fails naming the version when it does not exist
+        try:
+            client.get_model_version(reg.model_name, version)
+        except MlflowException as exc:
+            raise RegistryConflict(f"{reg.model_name} has no version {version}") from exc
         if version == now:
             raise RegistryConflict(f"version {version} already holds @{reg.champion_alias}")
         move_champion(reg, version, now, f"manual {who}")

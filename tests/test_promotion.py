@@ -40,6 +40,13 @@ def test_a_tie_is_kept() -> None:
     assert decide(Scores(base, "tok"), Scores(base, "tok"), "base model", **RULE).outcome == "keep"
 
 
+def test_a_clearly_worse_challenger_is_kept_without_blaming_the_split() -> None:
+    base = noisy(30, 2.0, 0.3, 1)
+    challenger = [b + e for b, e in zip(base, noisy(30, 0.3, 0.1, 2), strict=True)]
+    d = decide(Scores(rows(challenger), "tok"), Scores(rows(base), "tok"), "champion v1", **RULE)
+    assert d.outcome == "keep" and (d.high or 0) < 0 and "too small" not in d.reason
+
+
 def test_another_tokenizer_needs_review_and_reports_loss_per_byte() -> None:
     # fewer, longer tokens score lower per token yet worse per byte: per token would promote
     challenger = Scores(rows([5.98] * 30, tokens=40), "small-vocab")
