@@ -1,10 +1,11 @@
 """Retrain a LoRA adapter on fresh data and promote it only when it is measurably better.
 
-load -> changed? -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
+load -> preflight -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
 -> decide -> promote_champion | keep_champion -> summary
 
-`changed` skips the rest when the data and the effective config equal the champion's (trigger
-with force=true to train anyway). The run's config is frozen by its first task. Registry writes
+`preflight` fails the run before any GPU time when MLflow cannot be reached or written to, and
+skips the rest when the data and the effective config equal the champion's (trigger with
+force=true to train anyway). The run's config is frozen by its first task. Registry writes
 take the `mlflow_registry` pool (one slot), and promotion re-checks @champion under a lock.
 
 Each task calls its `ml.pipeline` step; the work lives in `ml/` and runs without
@@ -31,7 +32,19 @@ from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_co
 
 DAG_ID = "retrain_lora"
 REGISTRY_POOL = "mlflow_registry"  # one slot: registry writes of concurrent runs one at a time
+
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
+
+# Bounds, so that a run nobody watches ends: most steps take seconds to minutes; the trainer stops
+# itself at its own limit (steps x train.timeout_per_step_s + startup, ml/pipeline.py), before the
+# task's cap; evaluation and promotion (which may score again) load models.
+SHORT = timedelta(minutes=30)
+MODEL_WORK = timedelta(hours=2)
+TRAIN_CAP = timedelta(hours=DEFAULT.train.timeout_cap_h) + timedelta(minutes=10)
+# Registry steps are idempotent (a retry finds what its attempt wrote); a server that is briefly
+# away gets a few tries, further apart each time.
+REGISTRY_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay": timedelta(seconds=20),
+                                    "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=5)}
 
 
 def _param(default: Any, schema: dict[str, Any]) -> Param:
@@ -72,7 +85,8 @@ def _run() -> tuple[Any, Any, str]:
     params=PARAMS,
     tags=["llm", "lora", "mlflow"],
     doc_md=__doc__,
-    default_args={"retries": 0},
+    default_args={"retries": 0, "execution_timeout": SHORT},
+    dagrun_timeout=TRAIN_CAP + 2 * MODEL_WORK + 6 * SHORT,
 )
 def retrain_lora() -> None:
     @task
@@ -83,11 +97,11 @@ def retrain_lora() -> None:
         return asdict(pipeline.load(cfg, paths))
 
     @task
-    def changed(snapshot: dict[str, Any]) -> dict[str, Any]:
+    def preflight(snapshot: dict[str, Any]) -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, run_key = _run()
-        reason = None if get_current_context()["params"].get("force") else pipeline.unchanged(cfg, paths, run_key)
+        reason = pipeline.preflight(cfg, paths, run_key, force=bool(get_current_context()["params"].get("force")))
         if reason:
             raise AirflowSkipException(reason)
         return snapshot
@@ -112,21 +126,22 @@ def retrain_lora() -> None:
 
     # The GPU steps go to the CUDA worker's queue; the trainer runs as a child process there
     # and checkpoints, so a retry resumes where a killed attempt stopped.
-    @task(queue=DEFAULT.train.queue, retries=DEFAULT.train.retries, retry_delay=timedelta(seconds=30))
+    @task(queue=DEFAULT.train.queue, retries=DEFAULT.train.retries, retry_delay=timedelta(seconds=30),
+          execution_timeout=TRAIN_CAP)
     def train(splits: dict[str, int]) -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, _ = _run()
         return pipeline.train(cfg, paths)
 
-    @task(queue=DEFAULT.train.queue)
+    @task(queue=DEFAULT.train.queue, execution_timeout=MODEL_WORK)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, _ = _run()
         return pipeline.evaluate(cfg, paths)
 
-    @task(pool=REGISTRY_POOL)
+    @task(pool=REGISTRY_POOL, **REGISTRY_RETRIES)
     def register(evaluation: dict[str, Any]) -> dict[str, str]:
         from ml import pipeline
 
@@ -139,14 +154,14 @@ def retrain_lora() -> None:
         return "promote_champion" if evaluation["promote"] else "keep_champion"
 
     # On the train queue: if @champion moved since evaluation, promotion scores the challenger again.
-    @task(pool=REGISTRY_POOL, queue=DEFAULT.train.queue)
+    @task(pool=REGISTRY_POOL, queue=DEFAULT.train.queue, execution_timeout=MODEL_WORK, **REGISTRY_RETRIES)
     def promote_champion() -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, run_key = _run()
         return pipeline.promote(cfg, paths, run_key)  # moves @champion, keeps @previous_champion
 
-    @task(pool=REGISTRY_POOL)
+    @task(pool=REGISTRY_POOL, **REGISTRY_RETRIES)
     def keep_champion() -> dict[str, Any]:
         from ml import pipeline
 
@@ -164,11 +179,11 @@ def retrain_lora() -> None:
         print(line)
         return line
 
-    snap = load()
-    evaluation = evaluate(train(prepare(validate(changed(snap)))))
+    checked = preflight(load())  # skipped: so is everything after it, the summary included
+    evaluation = evaluate(train(prepare(validate(checked))))
     registered = register(evaluation)
     branch = decide(evaluation, registered)
-    branch >> [promote_champion(), keep_champion()] >> summary(snap, evaluation, registered)
+    branch >> [promote_champion(), keep_champion()] >> summary(checked, evaluation, registered)
 
 
 dag = retrain_lora()

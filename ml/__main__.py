@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     paths = run_paths(cfg, args.run_key)
+    _needs_run_folder("train", paths, args)
     _print(asdict(train_here(cfg, paths.splits, paths.train)))
     return EXIT_OK
 
@@ -105,8 +106,9 @@ def cmd_step(args: argparse.Namespace) -> int:
         return cmd_manual(args)
     cfg = _config(args)
     paths = run_paths(cfg, args.run_key)
-    cfg = pipeline.freeze(cfg, paths)  # the first step writes the run's config; later steps read it
     step = args.command
+    _needs_run_folder(step, paths, args)
+    cfg = pipeline.freeze(cfg, paths)  # the first step writes the run's config; later steps read it
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
     elif step in ("register", "promote"):
@@ -114,6 +116,15 @@ def cmd_step(args: argparse.Namespace) -> int:
     else:
         _print(getattr(pipeline, step)(cfg, paths))
     return EXIT_OK
+
+
+def _needs_run_folder(step: str, paths: Any, args: argparse.Namespace) -> None:
+    """Every step but `load` continues a run: its folder must exist, found by the same --run-key."""
+    needed = {"prepare": paths.data, "train": paths.splits, "evaluate": paths.train,
+              "register": paths.reports, "promote": paths.reports, "keep": paths.reports}.get(step)
+    if needed is not None and not needed.exists():
+        raise ConfigError(f"{step}: no run folder {needed} for run key {args.run_key!r}; pass the --run-key (and "
+                          "--profile) of a run whose earlier steps ran, e.g. python -m ml load --run-key my-run")
 
 
 def cmd_manual(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ both go through the same validation, so a typo fails loudly instead of being ign
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -146,8 +147,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps (ignored when warmup_ratio > 0).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Warm-up as a share of all steps (0: use warmup_steps)."))
-    max_steps: int = Field(60, ge=-1, description="Optimizer steps (-1: train for num_train_epochs).")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs, used when max_steps is -1.")
+    max_steps: int = Field(60, ge=-1, le=1_000_000, description=(
+        "Optimizer steps (-1: train for num_train_epochs; 0 is refused: it would register an untrained adapter)."))
+    num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Epochs, used when max_steps is -1.")
     learning_rate: float = Field(2e-4, ge=0.0, description="Peak learning rate.")
     lr_scheduler_type: str = Field("linear", description="transformers' learning-rate schedule after warm-up.")
     optim: str = Field("adamw_8bit", description=(
@@ -179,6 +181,15 @@ class TrainConfig(_Strict):
     retries: int = Field(1, ge=0, description="Retries of the train task; a retry resumes from the last checkpoint.")
     save_steps: int = Field(20, gt=0, description=(
         "Checkpoint every N steps, so a retry resumes instead of starting over."))
+    timeout_per_step_s: float = Field(60.0, gt=0, description=(
+        "The train task's time limit: this many seconds per optimizer step (counted from max_steps, or "
+        "from the epochs and the training rows) plus timeout_startup_s, at most timeout_cap_h. A trainer "
+        "past it is killed; the retry resumes from its last checkpoint."))
+    timeout_startup_s: float = Field(1800.0, gt=0, description=(
+        "Seconds allowed on top of the steps for imports, model loading and the final save."))
+    timeout_cap_h: float = Field(12.0, gt=0, le=168, description=(
+        "Upper bound of the train task's time limit, whatever the steps (also the Airflow task's own "
+        "execution_timeout)."))
     isolate: bool = Field(True, description=(
         "Train in a child process (`python -m ml train`): its CUDA memory is returned when it ends, and "
         "a crash or OOM fails the task instead of the worker."))
@@ -188,6 +199,26 @@ class TrainConfig(_Strict):
     def _yaml_bool(cls, value: Any) -> Any:
         # YAML reads `gradient_checkpointing: true` as a bool; it means the string choice.
         return str(value).lower() if isinstance(value, bool) else value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps would register an untrained adapter: set at least 1, or -1 to train for "
+                             "num_train_epochs")
+        return value
+
+    def optimizer_steps(self, train_rows: int) -> int:
+        """How many optimizer steps training takes for `train_rows` rows."""
+        if self.max_steps > 0:
+            return self.max_steps
+        per_epoch = math.ceil(train_rows / (self.per_device_train_batch_size * self.gradient_accumulation_steps))
+        return math.ceil(per_epoch * self.num_train_epochs)
+
+    def timeout_s(self, train_rows: int) -> float:
+        """The train task's time limit for `train_rows` rows (see timeout_per_step_s)."""
+        budget = self.timeout_startup_s + self.optimizer_steps(train_rows) * self.timeout_per_step_s
+        return min(budget, self.timeout_cap_h * 3600)
 
 
 class EvalConfig(_Strict):
@@ -216,6 +247,12 @@ class RegistryConfig(_Strict):
     min_rows: int = Field(20, ge=1, description=(
         "Fewest comparable test rows (after leaving out the champion's training rows) for an automatic "
         "decision; fewer: needs_review."))
+    request_timeout_s: float = Field(30.0, gt=0, le=600, description=(
+        "Seconds an MLflow request may take before it fails (a tracking server that accepts connections "
+        "but never answers ends the task instead of holding it)."))
+    request_retries: int = Field(2, ge=0, le=10, description=(
+        "Retries of a failed MLflow request inside one task attempt (the registry tasks also retry as "
+        "Airflow tasks, with backoff)."))
     embed_base_max_gib: float = Field(2.0, ge=0.0, description=(
         "A local base model up to this size travels inside every registered model version; a larger "
         "one (an 8B model's 16 GB) is referenced by its path, which the serving machine must have."))

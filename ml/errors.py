@@ -27,3 +27,7 @@ class TrainingFailed(RuntimeError):
 
 class RegistryConflict(RuntimeError):
     """The registry is not in the state a decision was made for (an alias moved, an adapter changed)."""
+
+
+class RegistryUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached, does not answer, or refuses this user's writes."""

@@ -34,8 +34,9 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     quiet_progress_bars()
     ref = path or model_ref(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(ref, revision=None if path else cfg.revision)
-    except OSError as exc:
+        # never run a checkpoint's own code, and never ask about it on stdin (nobody answers there)
+        tok = AutoTokenizer.from_pretrained(ref, revision=None if path else cfg.revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load tokenizer {ref!r}: {exc}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -45,7 +46,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 def load_base_model(cfg: ModelConfig) -> Any:
     """The base model on the best device; 4-bit NF4 on CUDA when configured."""
     ref = model_ref(cfg)
-    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg)}
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg), "trust_remote_code": False}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
         if cfg.load_in_4bit:
@@ -56,7 +57,7 @@ def load_base_model(cfg: ModelConfig) -> Any:
                                                           if k != "quantization_config"))
     try:
         return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load base model {ref!r}: {exc}") from exc
 
 

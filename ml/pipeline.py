@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +73,17 @@ def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     return _train_in_child(cfg, paths)
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Terminate a child that is still running, then kill it if it does not end within 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     """The child's command line; the run's resolved config travels as a file in the run folder."""
     config_file = paths.root / "config.json"
@@ -84,12 +96,26 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
     The child owns the GPU: when it ends, CUDA memory goes back to the worker, and an
     OOM or crash becomes a failed task (with the tail of its output) instead of a dead worker.
+    A child still running at its time limit (`TrainConfig.timeout_s`) is stopped the same way;
+    the task's retry resumes from the last checkpoint.
     """
     cmd = training_command(cfg, paths)
-    log.info("starting training process: %s", " ".join(cmd))
+    rows = sum(1 for _ in (paths.splits / "train.jsonl").open(encoding="utf-8"))
+    limit = cfg.train.timeout_s(rows)
+    log.info("starting training process (time limit %.0f s for %d steps): %s", limit,
+             cfg.train.optimizer_steps(rows), " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s"})
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _stop(proc)
+
+    timer = threading.Timer(limit, expire)
+    timer.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -98,12 +124,13 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             log.info("[train] %s", line)
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # this task was stopped: do not leave the GPU busy behind it
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        timer.cancel()
+        _stop(proc)  # this task was stopped (Airflow's own timeout, a kill): do not leave the GPU busy
+    if expired.is_set() and rc != 0:
+        raise TrainingFailed(f"training did not finish within its time limit of {limit:.0f} s "
+                             f"(train.timeout_per_step_s x {cfg.train.optimizer_steps(rows)} steps + "
+                             f"train.timeout_startup_s, at most train.timeout_cap_h) and was stopped; a retry "
+                             "resumes from the last checkpoint. Last output:\n" + "\n".join(tail))
     if rc != 0:
         text = "\n".join(tail)
         hint = ("; CUDA ran out of memory: lower train.per_device_train_batch_size (raising "
@@ -284,7 +311,8 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
     key = run_key or paths.root.name
     with registry_lock(cfg.registry):
         now, expected = champion_version(cfg.registry), ev["champion_version"]
-        if now != expected:
+        # now == this version: a retry of an attempt that moved the alias; it finishes the bookkeeping
+        if now not in (expected, registered.version):
             set_by = champion_set_by(cfg.registry)
             log.warning("@%s moved from %s to %s since this run was evaluated (%s)", cfg.registry.champion_alias,
                         expected, now, set_by)
@@ -301,7 +329,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             registered, decision, ev = _decided(paths)
             if not decision.promote:
                 return keep(cfg, paths)
-        promote_version(cfg.registry, registered, decision, ev["champion_version"], key)
+        promote_version(cfg.registry, registered, decision, now, key)  # re-checked there: still `now`
     return {"version": registered.version, "promoted": True, "outcome": "promote", "reason": decision.reason}
 
 
@@ -342,6 +370,16 @@ def freeze(cfg: PipelineConfig, paths: RunPaths) -> PipelineConfig:
     return cfg
 
 
+def preflight(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None, force: bool = False) -> str | None:
+    """Before any GPU time: the registry must answer and take this run's writes (else
+    RegistryUnavailable, naming the tracking URI); then, unless `force`, why this run would
+    repeat the champion's training (`unchanged`), or None."""
+    from ml.registry import check_writable
+
+    check_writable(cfg.registry)
+    return None if force else unchanged(cfg, paths, run_key)
+
+
 def unchanged(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> str | None:
     """Why training would repeat the champion's (same data fingerprint, same effective config), or
     None. With a run key, a skip is noted in MLflow as a finished run that says so."""
@@ -376,7 +414,7 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         return out
 
     snap = timed("load", load)
-    skipped = None if force else unchanged(cfg, paths, run_key)
+    skipped = timed("preflight", preflight, run_key, force)
     if skipped:
         return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped, "seconds": seconds}
     timed("validate", validate)

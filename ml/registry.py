@@ -15,6 +15,8 @@ import getpass
 import hashlib
 import json
 import logging
+import math
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
-from ml.errors import ConfigError, RegistryConflict
+from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
@@ -68,7 +70,25 @@ class Registered:
 def connect(reg: RegistryConfig) -> MlflowClient:
     if reg.tracking_uri:
         mlflow.set_tracking_uri(reg.tracking_uri)
+    # MLflow's own defaults wait 120 s per request and retry 7 times with backoff: minutes per call
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(reg.request_timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.request_retries)
     return MlflowClient()
+
+
+def check_writable(reg: RegistryConfig) -> None:
+    """Before any training: the tracking server answers and takes this user's writes (the run's
+    experiment exists or is created, and gets a tag). Fails naming the tracking URI."""
+    uri = mlflow.get_tracking_uri() if not reg.tracking_uri else reg.tracking_uri
+    try:
+        client = connect(reg)
+        experiment_id = ensure_experiment(reg)
+        client.set_experiment_tag(experiment_id, "pipeline.last_check", datetime.now(UTC).isoformat(timespec="seconds"))
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryUnavailable(
+            f"MLflow at {uri} cannot be used by this run (nothing was trained): {first[:300]}. "
+            "Check MLFLOW_TRACKING_URI, the server, and MLFLOW_TRACKING_USERNAME/PASSWORD") from exc
 
 
 def ensure_experiment(reg: RegistryConfig) -> str:
@@ -191,6 +211,14 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     existing = find_registered(reg, run_key, tags[ADAPTER_TAG])
     if existing:
         log.info("run %s already registered version %s; not registering again", run_key, existing.version)
+        client = MlflowClient()
+        if client.get_run(existing.run_id).info.status != "FINISHED":
+            # An attempt killed after registering: everything before the version was written (the
+            # version comes last in the run); finish what came after it.
+            log.warning("finishing run %s, left %s by an attempt that stopped after registering", existing.run_id,
+                        client.get_run(existing.run_id).info.status)
+            client.set_terminated(existing.run_id, "FINISHED")
+        _decision_tags(client, reg, existing.version, decision)
         return existing
     experiment_id = ensure_experiment(reg)
     client = MlflowClient()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import PipelineConfig, resolve_path
+from ml.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,11 @@ class RunPaths:
 
 
 def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:
+    """The run's folder: a direct child of `output_dir`, whatever the key (`..` cannot climb out)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key).strip("_")
+    if not safe or safe.startswith("."):
+        raise ConfigError(f"run key {run_key!r} does not name a folder inside output_dir: use letters, digits, "
+                          "'_', '-' and '.', not starting with '.'")
     return RunPaths(resolve_path(cfg.output_dir) / safe)
 
 

@@ -57,3 +57,19 @@ def test_validate_unusable_input_exits_2(tmp_path: Path) -> None:
     # The seed profile's tokenizer is on the (unreachable) hub: the fit check cannot run.
     out = _ml("validate", "--data", str(SAMPLE), "--profile", "pubmedqa-ko-llama31-8b")
     assert out.returncode == 2 and "tokenizer" in out.stderr
+
+
+def test_bad_input_ends_in_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    out_dir = tmp_path / "runs"
+    cases = {
+        ("evaluate", "--run-key", "never-loaded"): "pass the --run-key",
+        ("load", "--run-key", ".."): "does not name a folder inside output_dir",
+        ("load", "--set", "train.max_steps=0"): "untrained adapter",
+        ("load", "--set", "train.max_steps=9223372036854775807"): "max_steps",
+        ("load", "--set", "train.num_train_epochs=1e12"): "num_train_epochs",
+    }
+    for args, message in cases.items():
+        out = _ml(*args, "--profile", "e2e", "--set", f"output_dir={out_dir}")
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert not out_dir.exists() and not (tmp_path / "config.json").exists()  # nothing written, inside or out

@@ -18,12 +18,12 @@ def dag(retrain_dag: Any) -> Any:
 def test_task_graph(dag: Any) -> None:
     edges = {(up, t.task_id) for t in dag.tasks for up in t.upstream_task_ids}
     assert edges == {
-        ("load", "changed"), ("changed", "validate"), ("validate", "prepare"), ("prepare", "train"),
+        ("load", "preflight"), ("preflight", "validate"), ("validate", "prepare"), ("prepare", "train"),
         ("train", "evaluate"),
         ("evaluate", "register"), ("evaluate", "decide"), ("register", "decide"),
         ("decide", "promote_champion"), ("decide", "keep_champion"),
         ("promote_champion", "summary"), ("keep_champion", "summary"),
-        ("load", "summary"), ("evaluate", "summary"), ("register", "summary"),
+        ("preflight", "summary"), ("evaluate", "summary"), ("register", "summary"),
     }
     assert dag.get_task("summary").trigger_rule == "none_failed_min_one_success"
 

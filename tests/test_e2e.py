@@ -102,7 +102,7 @@ def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, c
     dag_run = _run(retrain_dag, max_steps=90)  # what made version 2, the champion
     assert dag_run.state == "success"
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
-    assert states["load"] == "success" and states["changed"] == "skipped"
+    assert states["load"] == "success" and states["preflight"] == "skipped"
     assert all(states[t] == "skipped" for t in ("validate", "train", "register", "promote_champion", "summary"))
     assert list(_versions(client)) == ["1", "2", "3"] and _alias(client, "champion") == "2"
     exp = client.get_experiment_by_name("e2e")

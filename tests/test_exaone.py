@@ -134,13 +134,15 @@ def _exaone_run(root: Path, exaone: Path, key: str, **overrides: Any) -> tuple[A
                                                                  / "pubmedqa_ko_sample.jsonl"),
         "data.id_column": "PMID", "validation.min_rows": 50, "train.num_train_epochs": 1, "output_dir": str(root),
         "eval.num_sample_generations": 1, "eval.max_new_tokens": 6, "registry.experiment": "exaone",
+        "registry.min_rows": 5,  # the sample's test split: 8 rows
         "registry.model_name": f"exaone-tiny-{key}", "registry.artifact_location": str(root / "mlartifacts"),
         **overrides})
     paths = pipeline.run_paths(cfg, key)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
     pipeline.register(cfg, paths, key)
-    pipeline.promote(cfg, paths)
+    promoted = read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
+    (pipeline.promote if promoted else pipeline.keep)(cfg, paths)
     return cfg, paths
 
 
@@ -157,7 +159,8 @@ def test_the_exaone_profile_trains_evaluates_and_reloads_as_a_pyfunc(
                                               "down_proj"}
     evaluation = read_json(paths.reports / "evaluation.json")
     assert evaluation["challenger"]["loss"] < evaluation["baseline"]["loss"], evaluation["decision"]["reason"]
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    version = read_json(paths.reports / "registered.json")["version"]
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{version}")
     answers = model.predict(pd.DataFrame([{"QUESTION": "금연은 폐 기능을 개선하는가?", "CONTEXTS": ["코호트 연구."]}]),
                             params={"max_new_tokens": 4})
     assert len(answers) == 1 and isinstance(answers[0], str)

@@ -73,3 +73,29 @@ def test_the_dag_sends_training_to_the_gpu_queue_with_a_retry(retrain_dag: Any) 
     assert train.queue == evaluate.queue == "gpu"
     assert train.retries == 1
     assert retrain_dag.get_task("load").queue != "gpu"
+
+
+def test_a_trainer_past_its_time_limit_is_stopped_and_fails_naming_the_limit(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """The limit is set below the time imports alone take: the child is stopped, none is left."""
+    cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 1000,
+                              "train.timeout_per_step_s": 0.001, "train.timeout_startup_s": 3})
+    assert cfg.train.timeout_s(100) == pytest.approx(4.0)
+    paths = pipeline.run_paths(cfg, "slow-run")
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed, match="did not finish within its time limit of 4 s"):
+        pipeline.train(cfg, paths)
+    assert time.monotonic() - started < 60
+    config = str(paths.root / "config.json")
+    left = subprocess.run(["pgrep", "-f", config], capture_output=True, text=True)
+    assert left.stdout == "", f"training processes left running: {left.stdout}"
+
+
+def test_the_time_limit_counts_steps_or_epochs_and_is_capped() -> None:
+    t = load_config("e2e", {"train.max_steps": -1, "train.num_train_epochs": 3,
+                            "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2}).train
+    assert t.optimizer_steps(100) == 3 * 13  # ceil(100 / 8) steps per epoch
+    assert t.timeout_s(100) == t.timeout_startup_s + 39 * t.timeout_per_step_s
+    assert t.timeout_s(10_000_000) == t.timeout_cap_h * 3600
