@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -69,3 +70,18 @@ def test_tasks_are_thin_and_import_nothing_heavy_at_parse_time() -> None:
 def test_a_task_imports_only_the_stack_its_step_needs() -> None:
     """Each task is a process of its own: importing ml.pipeline must not pull the whole ML stack."""
     assert imports_of("import ml.pipeline", ("torch", "transformers", "mlflow", "great_expectations", "trl")) == []
+
+
+def test_every_task_and_the_run_are_time_bounded(dag: Any) -> None:
+    from ml.config import load_config
+
+    cap = timedelta(hours=load_config("e2e").train.timeout_cap_h)
+    limits = {t.task_id: t.execution_timeout for t in dag.tasks}
+    assert all(limit is not None and limit > timedelta(0) for limit in limits.values()), limits
+    assert cap < limits["train"] <= cap + timedelta(minutes=30)  # the trainer's own limit comes first
+    # the run outlasts its long steps back to back, and ends
+    assert dag.dagrun_timeout is not None
+    assert limits["train"] + limits["evaluate"] + limits["promote_champion"] < dag.dagrun_timeout < timedelta(days=2)
+    registry_tasks = ("register", "promote_champion", "keep_champion")
+    assert all(dag.get_task(t).retries >= 2 and dag.get_task(t).retry_exponential_backoff for t in registry_tasks)
+    assert all(dag.get_task(t).pool == "mlflow_registry" for t in registry_tasks)
