@@ -90,23 +90,58 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
         return [dict(r) for r in ds]
     try:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as fh:
-                return [json.loads(line) for line in fh if line.strip()]
+            return _from_jsonl(path)
         if path.suffix == ".json":
-            return _from_json(json.loads(path.read_text(encoding="utf-8")), path)
+            return _records(_from_json(_parse(path.read_text(encoding="utf-8-sig"), f"{path}"), path), path)
         if path.suffix == ".parquet":
             return [dict(r) for r in pd.read_parquet(path).to_dict(orient="records")]
         if path.suffix == ".csv":
             return [dict(r) for r in pd.read_csv(path, keep_default_na=False).to_dict(orient="records")]
+    except DataError:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(LOCAL_SUFFIXES)}, "
                     "a save_to_disk folder or a dataset repository's folder")
 
 
-def _from_json(obj: Any, path: Path) -> list[dict[str, Any]]:
+def _parse(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{where}: JSON nested too deeply to be a record") from exc
+
+
+def _from_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a bad line is named by its number in the file. A UTF-8 BOM is
+    accepted, as in every other format."""
+    rows = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                rows.append((number, _parse(line.rstrip("\r\n"), f"{path}, line {number}")))
+    return _records([row for _, row in rows], path, [f"line {n}" for n, _ in rows])
+
+
+def _records(rows: list[Any], path: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every row must be a JSON object whose text is valid Unicode (`\\ud800` alone is not)."""
+    for i, row in enumerate(rows):
+        where = names[i] if names else f"record {i + 1}"
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object (a record), got {type(row).__name__}")
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{path}, {where}: text that is not valid Unicode (a lone surrogate escape "
+                            f"such as \\ud800)") from exc
+    return rows
+
+
+def _from_json(obj: Any, path: Path) -> list[Any]:
     if isinstance(obj, list):
-        return [dict(r) for r in obj]
+        return obj
     # PubMedQA PQA-L: {"PMID": {QUESTION, CONTEXTS, LONG_ANSWER, ...}, ...}
     if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
         return [{"__id__": str(k), **v} for k, v in obj.items()]

@@ -97,7 +97,7 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="bad.jsonl, line 1: not JSON"):
         load_examples(DataConfig(source=str(bad)))
     with pytest.raises(DataError, match="not found"):
         load_examples(DataConfig(source=str(tmp_path / "absent.jsonl")))
@@ -191,3 +191,28 @@ def test_a_dataset_repository_folder_loads_through_the_hub_loader_and_names_its_
     assert [e.decision for e in examples] == [r["final_decision"] for r in rows]  # kept for evaluation
     assert load_examples(DataConfig(source=str(repo), decision_column=None))[0].decision is None
 
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("lines.jsonl", '{"QUESTION": "q"}\n\n["an", "array"]\n',
+     r"lines.jsonl, line 3: expected a JSON object \(a record\), got list"),
+    ("lines.jsonl", '{"QUESTION": "q"}\n"a string"\n', "line 2: expected a JSON object"),
+    ("lines.jsonl", '{"QUESTION": "q"}\n{"QUESTION": \n', r"line 2: not JSON: Expecting value \(column 14\)"),
+    ("lines.jsonl", '{"QUESTION": "\\ud800"}\n', "line 1: text that is not valid Unicode"),
+    ("scalars.json", "[1, 2, 3]", "record 1: expected a JSON object"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_malformed_json_is_named_by_line_or_record(tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_records(DataConfig(source=str(path), decision_column=None))
+
+
+def test_a_utf8_bom_is_accepted_in_json_as_in_csv(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items()} for r in ROWS]
+    for name, text in (("bom.json", json.dumps(rows, ensure_ascii=False)),
+                       ("bom.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in rows))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        _expect_rows(load_examples(_cfg(path)))
