@@ -14,6 +14,10 @@ profile's `output_dir`, named after the Airflow run id.
 
 Trigger with parameters from the UI ("Trigger DAG" shows a form): an empty
 field keeps the profile's value.
+
+Paused when created (Airflow's default). Unpausing starts nothing at once: the first
+scheduled run is the next time of the profile's schedule (`@weekly`: Sunday 00:00 UTC);
+a manual trigger runs now.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-import pendulum
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 # Only the light config module at parse time; each task imports the ML stack it runs.
@@ -76,10 +79,15 @@ def _run() -> tuple[Any, Any, str]:
     return freeze(cfg, paths), paths, run_key
 
 
+def _schedule(cron: str | None) -> CronTriggerTimetable | None:
+    """The profile's schedule. Without a start date, the first run waits for the next scheduled
+    time: unpausing the DAG never starts a retrain at once (on the GPU, with nobody expecting it)."""
+    return None if cron is None else CronTriggerTimetable(cron, timezone="UTC", run_immediately=False)
+
+
 @dag(
     dag_id=DAG_ID,
-    schedule=DEFAULT.schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    schedule=_schedule(DEFAULT.schedule),
     catchup=False,
     max_active_runs=1,
     params=PARAMS,

@@ -32,7 +32,18 @@ def test_task_graph(dag: Any) -> None:
 def test_schedule_and_concurrency(dag: Any) -> None:
     assert dag.max_active_runs == 1
     assert dag.catchup is False
-    assert dag.schedule == "@weekly"  # from the profile
+    from airflow.sdk import CronTriggerTimetable
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable as SchedulerTimetable
+    from airflow.utils import timezone
+
+    t = dag.timetable
+    assert isinstance(t, CronTriggerTimetable) and t.expression == "0 0 * * 0"  # the profile's @weekly
+    # what the scheduler computes for a first unpause: the next Sunday midnight, not a run at once
+    scheduler = SchedulerTimetable(t.expression, timezone=t.timezone, run_immediately=t.run_immediately)
+    first = scheduler.next_dagrun_info(last_automated_data_interval=None,
+                                       restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=False))
+    assert first is not None and first.run_after > timezone.utcnow()
 
 
 def test_params_form_covers_the_knobs(dag: Any) -> None:
