@@ -259,12 +259,18 @@ def fingerprint(records: Sequence[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def _unsupported(value: Any) -> dict[str, str]:
+    """A value JSON cannot hold (bytes, dates, ...) is written as what it is, not as its text
+    ("b'...'" would pass the gate's type checks that the source itself fails)."""
+    return {"unsupported_type": type(value).__name__}
+
+
 def _write_lines(rows: Iterable[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            fh.write(json.dumps(row, ensure_ascii=False, default=_unsupported) + "\n")
     tmp.replace(path)  # readers never see a half-written file
 
 

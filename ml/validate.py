@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,9 +258,34 @@ def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: 
     if with_fit:
         n = frame["n_tokens"].dropna()
         truncated = float((n > cfg.model.max_seq_length).mean()) if len(n) else 0.0
-    report = ValidationReport(bool(result.success), len(frame), checks, truncated, result.to_json_dict())
+    report = ValidationReport(bool(result.success), len(frame), checks, truncated, masked(result.to_json_dict()))
     log.info(report.summary())
     return report
+
+
+def masked(obj: Any) -> Any:
+    """`obj` with every personal identifier the privacy checks look for replaced by its kind
+    ("[phone number]"): GX's result quotes offending values, and the reports travel to MLflow.
+    Row keys (`key` fields) stay, so reviewers still find the rows."""
+    if isinstance(obj, str):
+        for kind, whole in _WHOLE.items():
+            obj = re.sub(whole, f"[{kind}]", obj)
+        return obj
+    if isinstance(obj, dict):
+        return {k: v if k == "key" else masked(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [masked(v) for v in obj]
+    return obj
+
+
+# The PII patterns match a distinctive part (a look-behind anchors them); to mask, the whole
+# identifier: resident numbers with their birth date, e-mail addresses with their local part.
+_WHOLE = {
+    "resident registration number": r"(?<!\d)\d{6}-[1-8]\d{6}(?!\d)",
+    "phone number": PII_PATTERNS["phone number"],
+    "international phone number": PII_PATTERNS["international phone number"],
+    "e-mail address": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+}
 
 
 # ---------------------------------------------------------------- HTML

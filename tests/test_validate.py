@@ -192,3 +192,40 @@ def test_pii_patterns_flag_identifiers_not_statistics(text: str, is_pii: bool) -
     from ml.validate import PII_PATTERNS
 
     assert any(re.search(p, text) for p in PII_PATTERNS.values()) == is_pii
+
+
+def test_reports_mask_the_personal_data_they_found_and_keep_row_keys(
+        rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any, tmp_path: Path) -> None:
+    found = ["010-1234-5678", "kim.doctor@hospital.kr", "900101-1234567"]
+    rows[5]["CONTEXTS"] = [*rows[5]["CONTEXTS"], f"환자 연락처는 {found[0]} 이었다."]
+    rows[8]["LONG_ANSWER"] += f" 문의: {found[1]}"
+    rows[9]["QUESTION"] = rows[9]["QUESTION"][:-1] + f" (환자 {found[2]})?"
+    report = _gate(rows, cfg, tokenizer)
+    assert report.failed_families == {"privacy"}
+    json_path, html_path = report.write(tmp_path / "validation.json")
+    for text in (json_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")):
+        assert not [pii for pii in found + ["1234567", "kim.doctor"] if pii in text]
+        assert all(rows[i]["key"] in text for i in (5, 8, 9))
+    written = json_path.read_text(encoding="utf-8")
+    assert "[phone number]" in written and "[e-mail address]" in written and "[resident registration number]" in written
+
+
+def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
+        cfg: PipelineConfig, tokenizer: Any, tmp_path: Path) -> None:
+    """A bytes column (parquet binary) fails the gate on the source; the pipeline's gate reads the
+    snapshot, which must not turn the bytes into the text "b'...'" that passes."""
+    import pandas as pd
+
+    from ml.data import read_snapshot, snapshot
+
+    frame = pd.DataFrame([{k: v for k, v in r.items()} for r in load_records(cfg.data)])
+    frame["CONTEXTS"] = frame["CONTEXTS"].map(list)
+    frame["QUESTION"] = frame["QUESTION"].map(str.encode)  # a binary column: every question is bytes
+    source = tmp_path / "binary.parquet"
+    frame.to_parquet(source)
+    data = cfg.data.model_copy(update={"source": str(source), "id_column": "key"})
+    direct = validate(load_records(data), cfg, tokenizer)
+    snapshot(data, tmp_path / "snap")
+    via_snapshot = validate(read_snapshot(tmp_path / "snap"), cfg, tokenizer)
+    assert "schema" in direct.failed_families
+    assert via_snapshot.failed_families == direct.failed_families, via_snapshot.summary()
