@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     from ml.evaluate import evaluate_model, generate_answers
     from ml.identity import adapter_hash, base_identity, keys_hash, row_hashes, tokenizer_fingerprint, trained_on
     from ml.modeling import load_with_adapter, model_ref
-    from ml.promotion import Decision, RowScore, Scores
+    from ml.promotion import Scores
     from ml.prompt import PromptFormat
     from ml.registry import champion
 
@@ -184,11 +184,11 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             review = f"{baseline_name} records no training rows, so it may be scored on rows it learned"
         else:
             exclude = trained_on(test, champ.trained_rows)
-        if champ.base_path is None and champ.base_identity and champ.base_model == m.base_model \
-                and champ.base_identity != identity["base_identity"]:
+        shares_base = champ.base_model == m.base_model and champ.base_path is None
+        if shares_base and champ.base_identity and champ.base_identity != identity["base_identity"]:
             review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
                       f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
-        if champ.base_model == m.base_model and champ.base_path is None:
+        if shares_base:
             # Same base weights: load the champion as a second adapter instead of a second model
             # (an 8B base in memory once, not twice).
             model.load_adapter(champ.adapter_dir, adapter_name="champion")
@@ -204,14 +204,11 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             row["champion"] = ans
     log.info("%s test loss %.4f%s", baseline_name, baseline.loss, _accuracy(baseline))
 
-    def scores(result: Any, tok: str) -> Scores:
-        return Scores([RowScore(**r) if isinstance(r, dict) else r for r in result.rows], tok)
-
-    decision = decide_from(cfg, scores(challenger, identity["tokenizer"]), scores(baseline, baseline_tok),
-                           baseline_name, exclude)
+    decision = decide_from(cfg, Scores(challenger.rows or [], identity["tokenizer"]),
+                           Scores(baseline.rows or [], baseline_tok), baseline_name, exclude)
     if review and decision.outcome != "needs_review":
-        decision = Decision(**{**asdict(decision), "outcome": "needs_review",
-                               "reason": f"NEEDS REVIEW: {review}; scores: {decision.reason}"})
+        decision = replace(decision, outcome="needs_review",
+                           reason=f"NEEDS REVIEW: {review}; scores: {decision.reason}")
     log.info("decision: %s", decision.reason)
 
     decisions = collections.Counter(ex.decision for ex in test if ex.decision and fmt.lead_with_decision)
@@ -241,12 +238,11 @@ def _accuracy(result: Any) -> str:
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
              tags: dict[str, str] | None = None) -> dict[str, str]:
-    from ml.identity import adapter_hash
     from ml.promotion import Decision
     from ml.registry import log_and_register
 
     ev = read_json(paths.reports / "evaluation.json")
-    _same_adapter(paths, ev, adapter_hash)
+    _same_adapter(paths, ev)
     snap = read_json(paths.data / "snapshot.json")
     tr = read_json(paths.train / "train_result.json")
     decision = Decision(**ev["decision"])
@@ -255,9 +251,10 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
                "train_runtime_s": tr["runtime_s"], "train_examples": tr["train_examples"],
                "truncated_train_examples": tr["truncated_examples"], "dataset_rows": snap["rows"],
                "test_rows_compared": decision.rows}
-    for key in ("challenger_nats_per_byte", "baseline_nats_per_byte", "improvement", "low", "high"):
-        if getattr(decision, key) is not None:
-            metrics[{"low": "improvement_low", "high": "improvement_high"}.get(key, key)] = getattr(decision, key)
+    interval = {"challenger_nats_per_byte": decision.challenger_nats_per_byte,
+                "baseline_nats_per_byte": decision.baseline_nats_per_byte, "improvement": decision.improvement,
+                "improvement_low": decision.low, "improvement_high": decision.high}
+    metrics.update({k: v for k, v in interval.items() if v is not None})
     if tr["eval_loss"] is not None:
         metrics["final_val_loss"] = tr["eval_loss"]
     for prefix, result in (("", ev["challenger"]), ("baseline_", ev["baseline"])):
@@ -273,9 +270,10 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
     return asdict(reg)
 
 
-def _same_adapter(paths: RunPaths, ev: dict[str, Any], adapter_hash: Any) -> str:
+def _same_adapter(paths: RunPaths, ev: dict[str, Any]) -> str:
     """The adapter on disk must be the one evaluated (a re-run under the same key may have replaced it)."""
     from ml.errors import RegistryConflict
+    from ml.identity import adapter_hash
 
     now, evaluated = adapter_hash(paths.train / "adapter"), ev["identity"]["adapter_sha256"]
     if now != evaluated:
@@ -300,13 +298,12 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
     If the champion moved meanwhile: moved by another pipeline run, the challenger is scored again
     against the new champion and decided anew; moved by a person (a manual promotion or rollback),
     the decision becomes needs_review."""
-    from ml.identity import adapter_hash
     from ml.registry import champion_set_by, champion_version, check_adapter, promote_version, registry_lock
 
     registered, decision, ev = _decided(paths)
     if not decision.promote:
         raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
-    adapter = _same_adapter(paths, ev, adapter_hash)
+    adapter = _same_adapter(paths, ev)
     check_adapter(cfg.registry, registered, adapter)
     key = run_key or paths.root.name
     with registry_lock(cfg.registry):
@@ -317,12 +314,10 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             log.warning("@%s moved from %s to %s since this run was evaluated (%s)", cfg.registry.champion_alias,
                         expected, now, set_by)
             if set_by.startswith("manual"):
-                from ml.promotion import Decision
-
                 reason = (f"NEEDS REVIEW: @{cfg.registry.champion_alias} was moved by hand ({set_by}) to v{now} after "
                           f"this run was evaluated against {decision.baseline}; a person's choice is not overridden. "
                           f"Scores then: {decision.reason}")
-                decision = Decision(**{**asdict(decision), "outcome": "needs_review", "reason": reason})
+                decision = replace(decision, outcome="needs_review", reason=reason)
                 _write_decision(paths, ev, decision)
                 return keep(cfg, paths)
             evaluate(cfg, paths)  # against the new champion, under the lock: nothing moves meanwhile
@@ -385,13 +380,12 @@ def unchanged(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) 
     None. With a run key, a skip is noted in MLflow as a finished run that says so."""
     from ml.registry import champion_tags, log_skipped
 
-    snap = read_json(paths.data / "snapshot.json")
+    snap, config = read_json(paths.data / "snapshot.json"), config_hash(cfg)
     tags = champion_tags(cfg.registry)
-    if not (tags and tags.get("data_fingerprint") == snap["fingerprint"]
-            and tags.get("config_sha256") == config_hash(cfg)):
+    if not (tags and tags.get("data_fingerprint") == snap["fingerprint"] and tags.get("config_sha256") == config):
         return None
     reason = (f"nothing changed since champion v{tags['version']}: the same data (fingerprint "
-              f"{snap['fingerprint'][:16]}) and the same effective config ({config_hash(cfg)}); "
+              f"{snap['fingerprint'][:16]}) and the same effective config ({config}); "
               "trigger with force=true to train anyway")
     log.info("skipping: %s", reason)
     if run_key:

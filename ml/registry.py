@@ -121,12 +121,7 @@ def champion_version(reg: RegistryConfig) -> str | None:
 
 def champion_tags(reg: RegistryConfig) -> dict[str, str] | None:
     """The champion version's tags and its number (`version`), or None when there is no champion."""
-    try:
-        mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):  # no registered model yet
-            return None
-        raise
+    mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
     return {**mv.tags, "version": str(mv.version)} if mv is not None else None
 
 
@@ -212,11 +207,12 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     if existing:
         log.info("run %s already registered version %s; not registering again", run_key, existing.version)
         client = MlflowClient()
-        if client.get_run(existing.run_id).info.status != "FINISHED":
+        status = client.get_run(existing.run_id).info.status
+        if status != "FINISHED":
             # An attempt killed after registering: everything before the version was written (the
             # version comes last in the run); finish what came after it.
             log.warning("finishing run %s, left %s by an attempt that stopped after registering", existing.run_id,
-                        client.get_run(existing.run_id).info.status)
+                        status)
             client.set_terminated(existing.run_id, "FINISHED")
         _decision_tags(client, reg, existing.version, decision)
         return existing
@@ -341,8 +337,7 @@ def move_champion(reg: RegistryConfig, version: str, expected: str | None, set_b
     the version it leaves keeps @previous_champion. Returns that version."""
     client = connect(reg)
     name = reg.model_name
-    current = _alias_version(client, name, reg.champion_alias)
-    now = str(current.version) if current is not None else None
+    now = champion_version(reg)
     if now != expected:
         raise RegistryConflict(f"@{reg.champion_alias} is at {now}, not {expected}: it moved meanwhile")
     if now is not None and now != version:
@@ -380,8 +375,7 @@ def manual_move(reg: RegistryConfig, version: str | None, reason: str, action: s
     client = connect(reg)
     who, when = getpass.getuser(), datetime.now(UTC).isoformat(timespec="seconds")
     with registry_lock(reg):
-        current = _alias_version(client, reg.model_name, reg.champion_alias)
-        now = str(current.version) if current is not None else None
+        now = champion_version(reg)
         if version is None:
             previous = _alias_version(client, reg.model_name, reg.previous_alias)
             if previous is None:
