@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     paths = run_paths(cfg, args.run_key)
     _needs_run_folder("train", paths, args)
-    _print(asdict(train_here(cfg, paths.splits, paths.train)))
+    _print(asdict(train_here(cfg, paths.splits, paths.train, score_in=paths)))
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ml.config import PipelineConfig
 from ml.errors import ConfigError
+from ml.runs import RunPaths
 
 if TYPE_CHECKING:
     from ml.train import TrainResult
@@ -44,9 +45,12 @@ def pick_backend(requested: str) -> str:
     return "unsloth"
 
 
-def train_here(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Run the training recipe in this process, its backend imported first."""
+def train_here(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = (),
+               score_in: RunPaths | None = None) -> TrainResult:
+    """Run the training recipe in this process, its backend imported first. With `score_in`, the run
+    folder whose test split is then scored while the model is still loaded (ml/scoring.py)."""
     pick_backend(cfg.train.backend)
-    from ml.train import train  # after Unsloth, when Unsloth trains
+    from ml.scoring import after_training  # after Unsloth, as everything that imports transformers
+    from ml.train import train
 
-    return train(cfg, splits_dir, out_dir, callbacks)
+    return train(cfg, splits_dir, out_dir, callbacks, after_training(cfg, score_in) if score_in else None)

@@ -226,6 +226,10 @@ class EvalConfig(_Strict):
     batch_size: int = Field(4, gt=0, description="Examples per batch when scoring the test split.")
     num_sample_generations: int = Field(3, ge=0, description="Test questions answered by both models in the report.")
     max_new_tokens: int = Field(128, gt=0, description="Length limit of those sample answers.")
+    score_while_loaded: bool = Field(True, description=(
+        "Score the test split (challenger and champion or base model) in the training process right after "
+        "training, while the model is loaded; the evaluate step then only checks the scores are current and "
+        "decides. false: the evaluate step loads the model again and scores."))
 
 
 class RegistryConfig(_Strict):

@@ -131,7 +131,8 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], 
         prompt, _ = render(tokenizer, fmt, ex.question, ex.contexts)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(dev)
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+            # use_cache: a model fresh from training with gradient checkpointing has it off in its config
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return answers

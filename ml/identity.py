@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +35,25 @@ def _file_sha(path: Path) -> str:
 
 
 def local_weights_hash(folder: Path) -> str:
-    """A hash of a local model's weight files (hashing 16 GB takes a minute, so per-file hashes are
-    cached beside them while each file's size and mtime are unchanged)."""
+    """A hash of a local model's weight files (16 GB take a while to read, so the files are hashed
+    in parallel, and per-file hashes are cached beside them while each file's size and mtime hold)."""
     cache_file = folder / _CACHE
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     except (OSError, json.JSONDecodeError):
         cache = {}
-    h, fresh = hashlib.sha256(), {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+
+    def entry(f: Path) -> tuple[str, list[Any]]:
         stat, name = f.stat(), str(f.relative_to(folder))
         known = cache.get(name)
         sha = known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else _file_sha(f)
-        fresh[name] = [stat.st_size, stat.st_mtime_ns, sha]
+        return name, [stat.st_size, stat.st_mtime_ns, sha]
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        fresh = dict(pool.map(entry, files))
+    h = hashlib.sha256()
+    for name, (_, _, sha) in fresh.items():
         h.update(f"{name}\0{sha}\n".encode())
     if fresh != cache:
         try:

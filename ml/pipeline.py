@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 from ml.config import PipelineConfig
@@ -65,11 +64,16 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
 
 
 def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Train in a child process (`train.isolate`, the default) or in this one."""
+    """Train in a child process (`train.isolate`, the default) or in this one. The champion is
+    fetched first, so that the trainer can score the challenger against it while its model is
+    still loaded (`eval.score_while_loaded`)."""
+    paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
+    if cfg.eval.score_while_loaded:
+        fetch_champion(cfg, paths)
     if not cfg.train.isolate:
         from ml.backend import train_here
 
-        return asdict(train_here(cfg, paths.splits, paths.train))
+        return asdict(train_here(cfg, paths.splits, paths.train, score_in=paths))
     return _train_in_child(cfg, paths)
 
 
@@ -141,86 +145,76 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     return read_json(paths.train / "train_result.json")  # type: ignore[no-any-return]
 
 
-def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Challenger vs champion (or the bare base model) on the same test rows, each model with its
-    own prompt settings, and the decision (ml/promotion.py) with what it depends on."""
-    from ml.evaluate import evaluate_model, generate_answers
-    from ml.identity import adapter_hash, base_identity, keys_hash, row_hashes, tokenizer_fingerprint, trained_on
-    from ml.modeling import load_with_adapter, model_ref
-    from ml.promotion import Scores
-    from ml.prompt import PromptFormat
+def fetch_champion(cfg: PipelineConfig, paths: RunPaths) -> Any:
+    """The champion this run competes with (None: the base model), downloaded into the run folder."""
     from ml.registry import champion
-
-    test = read_split(paths.splits, "test")
-    m, reg = cfg.model, cfg.registry
-    fmt = PromptFormat.from_config(cfg)
-    model, tokenizer = load_with_adapter(m, paths.train / "adapter")
-    challenger = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
-    log.info("challenger test loss %.4f over %d answer tokens%s", challenger.loss, challenger.tokens,
-             _accuracy(challenger))
-    ref = model_ref(m)
-    identity = {"base_identity": base_identity(m.base_model, ref, getattr(model.config, "_commit_hash", None),
-                                               m.revision),
-                "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
-                "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
-    write_json(paths.reports / "train_rows.json", row_hashes(read_split(paths.splits, "train")))
+    from ml.runs import write_champion
 
     shutil.rmtree(paths.champion, ignore_errors=True)
-    champ = champion(reg, paths.champion)
-    shown = test[:cfg.eval.num_sample_generations]
-    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
-               zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
+    champ = champion(cfg.registry, paths.champion)
+    write_champion(paths.champion, champ)
+    return champ
 
-    exclude: set[str] = set()
-    review = None  # a reason no automatic decision can be made, found before scoring
-    if champ is None:
-        with model.disable_adapter():
-            baseline = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
-        baseline_name, baseline_tok = "base model", identity["tokenizer"]
-    else:
-        baseline_name = f"champion v{champ.version}"
-        champ_fmt = PromptFormat(**champ.prompt_format) if champ.prompt_format else fmt
-        if champ.trained_rows is None:
-            review = f"{baseline_name} records no training rows, so it may be scored on rows it learned"
-        else:
-            exclude = trained_on(test, champ.trained_rows)
-        shares_base = champ.base_model == m.base_model and champ.base_path is None
-        if shares_base and champ.base_identity and champ.base_identity != identity["base_identity"]:
-            review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
-                      f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
-        if shares_base:
-            # Same base weights: load the champion as a second adapter instead of a second model
-            # (an 8B base in memory once, not twice).
-            model.load_adapter(champ.adapter_dir, adapter_name="champion")
-            model.set_adapter("champion")
-            champ_model, champ_tok = model, tokenizer
-        else:
-            champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
-            champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
-        baseline = evaluate_model(champ_model, champ_tok, test, champ_fmt, cfg.eval.batch_size)
-        baseline_tok = tokenizer_fingerprint(champ_tok)
-        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, champ_fmt,
-                                                      cfg.eval.max_new_tokens), strict=True):
-            row["champion"] = ans
-    log.info("%s test loss %.4f%s", baseline_name, baseline.loss, _accuracy(baseline))
 
-    decision = decide_from(cfg, Scores(challenger.rows or [], identity["tokenizer"]),
-                           Scores(baseline.rows or [], baseline_tok), baseline_name, exclude)
+def evaluate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Challenger vs champion (or the bare base model) on the same test rows, each model with its
+    own prompt settings (ml/scoring.py), and the decision (ml/promotion.py) with what it depends on.
+    Scores the trainer wrote while its model was loaded are used while they still stand."""
+    from ml.identity import row_hashes
+    from ml.promotion import RowScore, Scores
+    from ml.registry import champion_version
+
+    scores = current_scores(paths, champion_version(cfg.registry)) if cfg.eval.score_while_loaded else None
+    if scores is None:
+        from ml.modeling import load_with_adapter
+        from ml.scoring import score
+
+        champ = fetch_champion(cfg, paths)
+        model, tokenizer = load_with_adapter(cfg.model, paths.train / "adapter")
+        scores = score(cfg, paths, model, tokenizer, champ, "evaluate step")
+    test = read_split(paths.splits, "test")
+    write_json(paths.reports / "train_rows.json", row_hashes(read_split(paths.splits, "train")))
+
+    challenger, baseline, name = scores["challenger"], scores["baseline"], scores["baseline_name"]
+    decision = decide_from(cfg, Scores([RowScore(**r) for r in challenger["rows"]], scores["identity"]["tokenizer"]),
+                           Scores([RowScore(**r) for r in baseline["rows"]], scores["baseline_tokenizer"]),
+                           name, set(scores["excluded_rows"]))
+    review = scores["review"]
     if review and decision.outcome != "needs_review":
         decision = replace(decision, outcome="needs_review",
                            reason=f"NEEDS REVIEW: {review}; scores: {decision.reason}")
     log.info("decision: %s", decision.reason)
 
-    decisions = collections.Counter(ex.decision for ex in test if ex.decision and fmt.lead_with_decision)
-    report = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
-              "champion_version": champ.version if champ else None, "decision": asdict(decision),
-              "identity": identity, "excluded_rows": sorted(exclude),
+    decisions = collections.Counter(ex.decision for ex in test if ex.decision and cfg.data.lead_with_decision)
+    report = {"challenger": challenger, "baseline": baseline, "baseline_name": name,
+              "champion_version": scores["champion_version"], "decision": asdict(decision),
+              "identity": scores["identity"], "excluded_rows": scores["excluded_rows"],
+              "scored_in": scores["scored_in"],
               # what always answering the most common decision scores on this test split
               "decision_majority_share": max(decisions.values()) / sum(decisions.values()) if decisions else None,
-              "samples": samples}
+              "samples": scores["samples"]}
     write_json(paths.reports / "evaluation.json", report)
-    return {"challenger_loss": challenger.loss, "baseline_loss": baseline.loss,
-            "baseline": baseline_name, "promote": decision.promote, "outcome": decision.outcome}
+    return {"challenger_loss": challenger["loss"], "baseline_loss": baseline["loss"],
+            "baseline": name, "promote": decision.promote, "outcome": decision.outcome}
+
+
+def current_scores(paths: RunPaths, champion_version: str | None) -> dict[str, Any] | None:
+    """The run's scores (ml/scoring.py) while they still stand for its adapter, its test rows and the
+    champion now holding the alias; else None, and the evaluate step scores again."""
+    from ml.identity import adapter_hash, keys_hash
+
+    if not paths.scores.exists():
+        return None
+    record = read_json(paths.scores)
+    identity = record["identity"]
+    then_now = {"@champion": (record["champion_version"], champion_version),
+                "adapter": (identity["adapter_sha256"], adapter_hash(paths.train / "adapter")),
+                "test rows": (identity["test_keys"], keys_hash(ex.key for ex in read_split(paths.splits, "test")))}
+    changed = [f"{what} {then} -> {now}" for what, (then, now) in then_now.items() if then != now]
+    if changed:
+        log.info("the scores of the %s no longer stand (%s): scoring again", record["scored_in"], "; ".join(changed))
+        return None
+    return record  # type: ignore[no-any-return]
 
 
 def decide_from(cfg: PipelineConfig, challenger: Any, baseline: Any, baseline_name: str, exclude: set[str]) -> Any:
@@ -229,11 +223,6 @@ def decide_from(cfg: PipelineConfig, challenger: Any, baseline: Any, baseline_na
     r = cfg.registry
     return decide(challenger, baseline, baseline_name, min_delta=r.min_delta, confidence=r.confidence,
                   resamples=r.bootstrap_resamples, seed=r.bootstrap_seed, min_rows=r.min_rows, exclude=exclude)
-
-
-def _accuracy(result: Any) -> str:
-    return "" if result.decision_accuracy is None else (
-        f"; yes/no/maybe read as the first answer word: {result.decision_accuracy:.1%} of {result.decisions}")
 
 
 def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,

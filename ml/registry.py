@@ -38,6 +38,7 @@ from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
+from ml.runs import Champion
 from ml.serving import signature
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,6 @@ log = logging.getLogger(__name__)
 RUN_KEY_TAG = "pipeline.run_key"
 ADAPTER_TAG = "adapter_sha256"
 SET_BY_TAG = "champion_set_by"  # on the registered model: "pipeline <run key>" or "manual <user>"
-
-
-@dataclass(frozen=True)
-class Champion:
-    version: str
-    run_id: str | None
-    model_dir: str  # downloaded pyfunc folder
-    adapter_dir: str
-    base_model: str  # as configured when it was trained (hub id or path)
-    base_path: str | None  # the base weights shipped inside the model, if any
-    base_identity: str | None  # what the base was when it trained (ml.identity.base_identity)
-    prompt_format: dict[str, Any] | None  # the prompt settings it was trained and logged with
-    trained_rows: dict[str, list[str]] | None  # content hashes of its training rows (ml.identity.row_hashes)
 
 
 @dataclass(frozen=True)

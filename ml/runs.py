@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,42 @@ class RunPaths:
     @property
     def champion(self) -> Path:
         return self.root / "champion"
+
+    @property
+    def scores(self) -> Path:
+        """Challenger and comparator scored on the test split (ml/scoring.py)."""
+        return self.reports / "scores.json"
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The champion a run competes with, as fetched from the registry into the run folder."""
+    version: str
+    run_id: str | None
+    model_dir: str  # downloaded pyfunc folder
+    adapter_dir: str
+    base_model: str  # as configured when it was trained (hub id or path)
+    base_path: str | None  # the base weights shipped inside the model, if any
+    base_identity: str | None  # what the base was when it trained (ml.identity.base_identity)
+    prompt_format: dict[str, Any] | None  # the prompt settings it was trained and logged with
+    trained_rows: dict[str, list[str]] | None  # content hashes of its training rows (ml.identity.row_hashes)
+
+
+CHAMPION_FILE = "champion.json"  # in RunPaths.champion: {"champion": <Champion> or null}
+
+
+def write_champion(folder: Path, champ: Champion | None) -> None:
+    """Record which champion (or none: the base model) was fetched into `folder`."""
+    write_json(folder / CHAMPION_FILE, {"champion": asdict(champ) if champ else None})
+
+
+def read_champion(folder: Path) -> tuple[bool, Champion | None]:
+    """(fetched, champion): whether a champion record is in `folder`, and the champion it names."""
+    path = folder / CHAMPION_FILE
+    if not path.exists():
+        return False, None
+    record = read_json(path)["champion"]
+    return True, Champion(**record) if record else None
 
 
 def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:

@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning with TRL's SFTTrainer: the training recipe, top to bottom.
 
-    backend -> model -> data -> trainer config -> trainer -> resume -> train -> save -> result
+    backend -> model -> data -> trainer config -> trainer -> resume -> train -> save -> result [-> then]
 
 It reads the splits from one folder and writes the adapter, tokenizer, training curve and summary
 to another, so the same code runs in the DAG's train task (as a child process), from
@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,12 @@ class TrainResult:
         return cls(**json.loads((out_dir / "train_result.json").read_text()))
 
 
-def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = ()) -> TrainResult:
+def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = (),
+          then: Callable[[Any, Any], None] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`.
 
     `callbacks`: extra transformers `TrainerCallback`s (benchmarks use them to profile).
+    `then(model, tokenizer)`: runs once everything is written, with the trained model still loaded.
     """
     t0, t = time.perf_counter(), cfg.train
     backend, cuda = pick_backend(t.backend), torch.cuda.is_available()
@@ -121,6 +123,9 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the adapter is written: no retry needs them
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,
              result.runtime_s, result.train_loss, result.eval_loss)
+
+    if then is not None:  # e.g. scoring the test split without loading the base model again (ml/scoring.py)
+        then(trainer.model, tokenizer)
     return result
 
 

@@ -78,7 +78,8 @@ def trained_run(tmp: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     from ml.config import load_config
     from ml.train import TrainResult
 
-    cfg = load_config("e2e", {"output_dir": str(tmp), **overrides})
+    cfg = load_config("e2e", {"output_dir": str(tmp), "registry.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                              **overrides})
     paths = pipeline.run_paths(cfg, "t")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)

@@ -1,6 +1,6 @@
 """GPU proof (pytest -m gpu; skipped without CUDA): both backends train the Llama-3.1-8B
-architecture in 4-bit, the loss falls on a repeated batch, and the adapter reloads,
-scores the test split and generates.
+architecture in 4-bit, the loss falls on a repeated batch, the trainer scores the test split with
+its model still loaded, and the adapter reloads, scores the test split as the trainer did and generates.
 
 Needs the random-weight 8B model that ../shared/gpu/anchor_bench.py `make` writes to
 /tmp/l8b (or $GPU_TEST_MODEL). Each training runs as the DAG's child process does
@@ -60,7 +60,8 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
     cfg = load_config("pubmedqa-ko-llama31-8b", {
         "model.base_model": str(MODEL), "train.backend": backend, "train.max_steps": 16,
         "train.learning_rate": 2e-3, "train.warmup_steps": 1, "train.gradient_accumulation_steps": 1,
-        "train.save_steps": 6, "eval.eval_steps": 6, "output_dir": str(tmp_path)})
+        "train.save_steps": 6, "eval.eval_steps": 6, "output_dir": str(tmp_path),
+        "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     paths = pipeline.run_paths(cfg, "run")
 
     result = pipeline.train(cfg, paths)  # a child process, as on the CUDA worker
@@ -83,3 +84,12 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
     assert reloaded["4bit"] and reloaded["tokens"] > 0 and isinstance(reloaded["answer"], str)
     print(backend, "reloaded", reloaded)
     assert reloaded["loss"] < 0.99 * reloaded["base"]  # the saved adapter carries what was learnt
+
+    # the trainer scored the test split with its model still loaded, as a fresh load of the adapter does
+    scores = json.loads(paths.scores.read_text())
+    print(backend, "scored in the training process", {k: scores[k]["loss"] for k in ("challenger", "baseline")},
+          f"{scores['seconds']} s")
+    assert scores["scored_in"] == "training process" and scores["baseline_name"] == "base model"
+    assert scores["challenger"]["loss"] < 0.99 * scores["baseline"]["loss"]
+    assert scores["baseline"]["loss"] == pytest.approx(reloaded["base"], rel=0.02)
+    assert scores["challenger"]["tokens"] == reloaded["tokens"]

@@ -103,8 +103,10 @@ def test_a_worse_run_promoting_last_is_scored_again_against_the_new_champion(
     for paths in (weak, strong):
         ev = read_json(paths.reports / "evaluation.json")
         assert ev["decision"]["outcome"] == "promote" and ev["champion_version"] is None
+        assert ev["scored_in"] == "training process"  # scored by the trainer, with its model loaded
     pipeline.promote(strong_cfg, strong, "strong")
     result = pipeline.promote(weak_cfg, weak, "weak")
+    assert read_json(weak.reports / "evaluation.json")["scored_in"] == "evaluate step"  # @champion moved
     strong_version = read_json(strong.reports / "registered.json")["version"]
     assert not result["promoted"] and f"champion v{strong_version}" in result["reason"], result
     assert _alias(client, name, "champion") == strong_version and _alias(client, name, "previous_champion") is None

@@ -15,6 +15,7 @@ from ml.data import read_split
 from ml.evaluate import evaluate_model, token_loss
 from ml.modeling import load_with_adapter, lora_config
 from ml.prompt import PromptFormat, encode_all
+from ml.runs import read_json
 from ml.train import TrainResult
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,42 @@ def test_trained_adapter_beats_the_base_model_on_test(trained: Any) -> None:
         base = evaluate_model(model, tok, test, *args)
     assert challenger.loss < base.loss - 0.2
     assert challenger.tokens == base.tokens > 0 and challenger.examples == len(test)
+
+
+def test_the_trainer_scores_the_test_split_as_a_fresh_load_of_its_adapter_does(trained: Any) -> None:
+    """Scores written by the training process, with its model still loaded, are the evaluate step's own."""
+    cfg, paths, _ = trained
+    scores = read_json(paths.scores)
+    assert scores["scored_in"] == "training process" and scores["champion_version"] is None
+    assert scores["baseline_name"] == "base model" and len(scores["samples"]) == cfg.eval.num_sample_generations
+    test = read_split(paths.splits, "test")
+    model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
+    challenger = evaluate_model(model, tok, test, PromptFormat.from_config(cfg), 4)
+    with model.disable_adapter():
+        base = evaluate_model(model, tok, test, PromptFormat.from_config(cfg), 4)
+    assert challenger.loss < base.loss - 0.2
+    for record, fresh in ((scores["challenger"], challenger), (scores["baseline"], base)):
+        assert record["loss"] == pytest.approx(fresh.loss, rel=1e-5) and record["tokens"] == fresh.tokens
+        assert [r["key"] for r in record["rows"]] == [r.key for r in fresh.rows or []]
+        assert [r["nll"] for r in record["rows"]] == pytest.approx([r.nll for r in fresh.rows or []], rel=1e-5)
+
+
+def test_a_failed_scoring_in_the_trainer_keeps_the_training_and_leaves_no_scores(
+        tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ml import pipeline
+    from ml.backend import train_here
+    from ml.runs import Champion, write_champion
+
+    cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 2})
+    paths = pipeline.run_paths(cfg, "t")
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    gone = str(tmp_path / "no-such-adapter")
+    write_champion(paths.champion, Champion("7", None, gone, gone, cfg.model.base_model, None, None, None, {}))
+    result = train_here(cfg, paths.splits, paths.train, score_in=paths)
+    assert result.global_step == 2 and (paths.train / "adapter" / "adapter_model.safetensors").exists()
+    assert not paths.scores.exists()
+    assert "scoring in the training process failed; the evaluate step will score" in caplog.text
 
 
 def test_token_loss_matches_the_models_own_loss_and_ignores_padding(trained: Any) -> None:

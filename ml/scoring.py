@@ -1,0 +1,118 @@
+"""A run's challenger and what it competes with, scored on the same test rows.
+
+The model-bound half of evaluation: `score` takes the challenger loaded (the base model with this
+run's adapter) and scores it, then its comparator on the same rows, each with its own prompt
+settings: the champion (its adapter loaded beside the challenger's when both share the base
+weights, else a model of its own) or, before there is one, the bare base model (the adapter
+switched off). It writes the run's `reports/scores.json`: per-row scores, sample answers, and the
+identities the promotion rule checks. The decision itself is ml/promotion.py's, taken by the
+evaluate step (ml/pipeline.py).
+
+Two callers. The trainer, right after it saved the adapter, while the model is still loaded
+(`eval.score_while_loaded`; the train task fetched the champion into the run folder first), so
+the base model is loaded once per run. The evaluate step, which loads the model and scores only
+when those scores are missing or no longer current (ml/pipeline.py `current_scores`): another
+adapter on disk, other test rows, or @champion moved since.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ml.config import PipelineConfig
+from ml.data import read_split
+from ml.evaluate import LossResult, evaluate_model, generate_answers
+from ml.identity import adapter_hash, base_identity, keys_hash, tokenizer_fingerprint, trained_on
+from ml.modeling import load_with_adapter, model_ref
+from ml.prompt import PromptFormat
+from ml.runs import Champion, RunPaths, read_champion, write_json
+
+log = logging.getLogger(__name__)
+
+def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, champ: Champion | None,
+          where: str) -> dict[str, Any]:
+    """Score the loaded challenger and its comparator on the test split; write and return the record."""
+    start = time.perf_counter()
+    test = read_split(paths.splits, "test")
+    m = cfg.model
+    fmt = PromptFormat.from_config(cfg)
+    model.eval()
+    challenger = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
+    log.info("challenger test loss %.4f over %d answer tokens%s", challenger.loss, challenger.tokens,
+             accuracy_note(challenger))
+    identity = {"base_identity": base_identity(m.base_model, model_ref(m), getattr(model.config, "_commit_hash", None),
+                                               m.revision),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
+                "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
+    shown = test[:cfg.eval.num_sample_generations]
+    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
+               zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
+
+    exclude: set[str] = set()
+    review = None  # a reason no automatic decision can be made, found before scoring
+    if champ is None:
+        with model.disable_adapter():
+            baseline = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
+        baseline_name, baseline_tok = "base model", identity["tokenizer"]
+    else:
+        baseline_name = f"champion v{champ.version}"
+        champ_fmt = PromptFormat(**champ.prompt_format) if champ.prompt_format else fmt
+        if champ.trained_rows is None:
+            review = f"{baseline_name} records no training rows, so it may be scored on rows it learned"
+        else:
+            exclude = trained_on(test, champ.trained_rows)
+        shares_base = champ.base_model == m.base_model and champ.base_path is None
+        if shares_base and champ.base_identity and champ.base_identity != identity["base_identity"]:
+            review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
+                      f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
+        if shares_base:
+            # Same base weights: load the champion as a second adapter instead of a second model
+            # (an 8B base in memory once, not twice).
+            model.load_adapter(champ.adapter_dir, adapter_name="champion")
+            model.set_adapter("champion")
+            champ_model, champ_tok = model, tokenizer
+        else:
+            champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
+            champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
+        baseline = evaluate_model(champ_model, champ_tok, test, champ_fmt, cfg.eval.batch_size)
+        baseline_tok = tokenizer_fingerprint(champ_tok)
+        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, champ_fmt,
+                                                      cfg.eval.max_new_tokens), strict=True):
+            row["champion"] = ans
+    log.info("%s test loss %.4f%s", baseline_name, baseline.loss, accuracy_note(baseline))
+    record = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
+              "baseline_tokenizer": baseline_tok, "champion_version": champ.version if champ else None,
+              "identity": identity, "excluded_rows": sorted(exclude), "review": review, "samples": samples,
+              "scored_in": where, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(paths.scores, record)
+    log.info("scored in the %s in %.1fs", where, record["seconds"])
+    return record
+
+
+def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Any, Any], None] | None:
+    """What the trainer runs with its model still loaded: scoring against the champion the train task
+    fetched (None when switched off or nothing was fetched). A failure there costs only time: it is
+    logged, and the evaluate step loads the model and scores."""
+    fetched, champ = read_champion(paths.champion)
+    if not (cfg.eval.score_while_loaded and fetched):
+        return None
+
+    def run(model: Any, tokenizer: Any) -> None:
+        try:
+            score(cfg, paths, model, tokenizer, champ, "training process")
+        except Exception as exc:  # noqa: BLE001  (the adapter is saved; evaluate scores instead)
+            log.warning("scoring in the training process failed; the evaluate step will score: %s: %s",
+                        type(exc).__name__, exc)
+            paths.scores.unlink(missing_ok=True)
+
+    return run
+
+
+def accuracy_note(result: LossResult) -> str:
+    return "" if result.decision_accuracy is None else (
+        f"; yes/no/maybe read as the first answer word: {result.decision_accuracy:.1%} of {result.decisions}")
