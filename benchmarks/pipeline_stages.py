@@ -1,14 +1,18 @@
 """Wall time of each step of the whole pipeline (`python -m ml pipeline`), against a local MLflow store.
 
     python3 benchmarks/pipeline_stages.py --profile pubmedqa-ko-llama31-8b-seed --model /tmp/l8b
-        [--data FILE | --rows 500] [--set KEY=VALUE ...] [--tag NAME]
+        [--data FILE | --rows 500] [--set KEY=VALUE ...] [--tag NAME] [--runs N [--then-set KEY=VALUE ...]]
+        [--work DIR]
 
 On the GPU machine: the seed profile on the Llama-3.1-8B architecture (random weights from
 `../shared/gpu/anchor_bench.py make`, its stand-in tokenizer), on synthetic rows with
 PubMedQA-Ko-like lengths (benchmarks/train_gpu.py's, the seed dataset's 500) unless --data names
 a file. Every step runs as `run_all` runs it: training in a child process, evaluation, the MLflow
-run, the registered version and the alias. Prints one 'RESULT {json}' line: seconds per step and
-the share of the wall time that is not training. CPU rehearsal:
+run, the registered version and the alias. With --runs 2 the second run (forced when its data and
+config are the first's; --then-set changes its config) competes with the first one's champion.
+Prints one 'RESULT {json}' line per run: seconds per step, and the share of the wall time that is
+not training (the train step's child scores the test split after training,
+`eval.score_while_loaded`: those seconds count as not training). CPU rehearsal:
 `python benchmarks/pipeline_stages.py --profile demo --model state/models/tiny-llama-ko
 --data data/sample/pubmedqa_ko_sample.jsonl --set train.max_steps=4`.
 """
@@ -36,10 +40,15 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=500, help="synthetic rows (without --data)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="pipeline")
+    parser.add_argument("--runs", type=int, default=1, help="pipeline runs one after another (2nd on: vs the champion)")
+    parser.add_argument("--then-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="overrides of the runs after the first")
+    parser.add_argument("--work", help="folder of the runs and the MLflow store (default: a new temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    work = Path(tempfile.mkdtemp(prefix="pipeline-stages-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipeline-stages-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     from ml import pipeline
     from ml.config import load_config, parse_overrides
@@ -56,15 +65,29 @@ def main() -> int:
         overrides.update({"data.source": str(rows), "data.id_column": "key", "validation.script": None,
                           "validation.max_truncated_share": 1.0})
     cfg = load_config(args.profile, {**overrides, **parse_overrides(args.set)})
-    start = time.perf_counter()
-    result = pipeline.run_all(cfg, args.tag)
-    total = time.perf_counter() - start
-    seconds = result["seconds"]
-    report = {"tag": args.tag, "profile": args.profile, "model": args.model, "overrides": args.set,
-              "seconds": seconds, "total_s": round(total, 1),
-              "not_training_share": round(1 - seconds["train"] / total, 3), "version": result["version"],
-              "promoted": result["promoted"]}
-    print("RESULT " + json.dumps(report), flush=True)
+    later = load_config(args.profile, {**overrides, **parse_overrides(args.set + args.then_set)})
+    for run in range(1, args.runs + 1):  # run 1 against the base model, later runs against the champion
+        start = time.perf_counter()
+        result = pipeline.run_all(cfg if run == 1 else later, f"{args.tag}-{run}", force=run > 1)
+        total = time.perf_counter() - start
+        seconds = result["seconds"]
+        reports = Path(result["run_dir"]) / "reports"
+        scores, trained = (json.loads((reports / f).read_text()) for f in ("scores.json", "../train/train_result.json"))
+        # the train step's child also scored the test split (eval.score_while_loaded): that is not training
+        scoring = scores["seconds"] if scores["scored_in"] == "training process" else 0.0
+        training = seconds["train"] - scoring
+        report = {"tag": args.tag, "run": run, "profile": args.profile, "model": args.model,
+                  "overrides": args.set + (args.then_set if run > 1 else []),
+                  "seconds": seconds, "total_s": round(total, 1), "trainer_runtime_s": round(trained["runtime_s"], 1),
+                  "scoring_in_trainer_s": scoring, "scored_in": scores["scored_in"],
+                  "compared_with": scores["baseline_name"], "training_s": round(training, 1),
+                  "not_training_share": round(1 - training / total, 3), "version": result["version"],
+                  "promoted": result["promoted"], "test_loss": scores["challenger"]["loss"],
+                  "baseline_test_loss": scores["baseline"]["loss"],
+                  "decision_accuracy": [scores[k].get("decision_accuracy") for k in ("challenger", "baseline")],
+                  "test_rows": scores["challenger"]["examples"], "tokens_per_s": trained.get("tokens_per_s"),
+                  "peak_gpu_gib": trained.get("peak_gpu_gib")}
+        print("RESULT " + json.dumps(report), flush=True)
     return 0
 
 
