@@ -7,9 +7,11 @@
 On the GPU machine: the seed profile on the Llama-3.1-8B architecture (random weights from
 `../shared/gpu/anchor_bench.py make`, its stand-in tokenizer), on synthetic rows with
 PubMedQA-Ko-like lengths (benchmarks/train_gpu.py's, the seed dataset's 500) unless --data names
-a file. Every step runs as `run_all` runs it: training in a child process, evaluation, the MLflow
-run, the registered version and the alias. With --runs 2 the second run (forced when its data and
-config are the first's; --then-set changes its config) competes with the first one's champion.
+a file. Each run is `python -m ml pipeline` in a process of its own (imports included, as a scheduled
+run pays them): training in a child process, evaluation, the MLflow run, the registered version and
+the alias, against a local MLflow store created before the clock starts. With --runs 2 the second
+run (forced when its data and config are the first's; --then-set changes its config) competes with
+the first one's champion.
 Prints one 'RESULT {json}' line per run: seconds per step, and the share of the wall time that is
 not training (the train step's child scores the test split after training,
 `eval.score_while_loaded`: those seconds count as not training). CPU rehearsal:
@@ -23,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +53,8 @@ def main() -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pipeline-stages-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    from ml import pipeline
+    from mlflow import MlflowClient
+
     from ml.config import load_config, parse_overrides
 
     overrides = {"model.base_model": args.model, "output_dir": str(work / "runs"),
@@ -62,14 +66,21 @@ def main() -> int:
 
         rows = work / "rows.jsonl"
         rows.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(args.rows)))
-        overrides.update({"data.source": str(rows), "data.id_column": "key", "validation.script": None,
+        overrides.update({"data.source": str(rows), "data.id_column": "key", "data.decision_column": None,
+                          "validation.script": None,
                           "validation.max_truncated_share": 1.0})
     cfg = load_config(args.profile, {**overrides, **parse_overrides(args.set)})
     later = load_config(args.profile, {**overrides, **parse_overrides(args.set + args.then_set)})
+    MlflowClient().search_experiments()  # the store exists before the clock starts, as a tracking server does
     for run in range(1, args.runs + 1):  # run 1 against the base model, later runs against the champion
-        start = time.perf_counter()
-        result = pipeline.run_all(cfg if run == 1 else later, f"{args.tag}-{run}", force=run > 1)
+        config = work / f"config-{run}.json"
+        config.write_text((cfg if run == 1 else later).model_dump_json())
+        cmd = [sys.executable, "-m", "ml", "pipeline", "--config", str(config), "--run-key", f"{args.tag}-{run}"]
+        start = time.perf_counter()  # a process of its own, as each scheduled run: imports included
+        out = subprocess.run(cmd + ["--force"] * (run > 1), cwd=HERE.parent, stdout=subprocess.PIPE, text=True,
+                             check=True)
         total = time.perf_counter() - start
+        result = json.loads(out.stdout)
         seconds = result["seconds"]
         reports = Path(result["run_dir"]) / "reports"
         scores, trained = (json.loads((reports / f).read_text()) for f in ("scores.json", "../train/train_result.json"))

@@ -122,6 +122,21 @@ def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fm
     return replace(result, nll=None, row_tokens=None, rows=row_scores(tokenizer, examples, encoded, result))
 
 
+def sample_rows(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat, n: int,
+                max_new_tokens: int) -> list[QAExample]:
+    """The first `n` examples whose prompt leaves room for a `max_new_tokens` answer within
+    `fmt.max_length` tokens: the model never trained on a longer sequence (and Unsloth's fast
+    generation cuts a longer prompt, not its attention mask)."""
+    rows: list[QAExample] = []
+    for ex in examples:
+        if len(rows) == n:
+            break
+        prompt, _ = render(tokenizer, fmt, ex.question, ex.contexts)
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new_tokens <= fmt.max_length:
+            rows.append(ex)
+    return rows
+
+
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers, one prompt at a time (no padding side effects; a handful of samples)."""

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ml.base_models import quiet_progress_bars, resolve
@@ -69,6 +70,38 @@ def load_with_adapter(cfg: ModelConfig, adapter_dir: Path | None) -> tuple[Any, 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, tokenizer
+
+
+# What two LoRA adapters must share for one's weights to go into the modules the other built.
+LORA_LAYOUT = ("r", "lora_alpha", "target_modules", "layers_to_transform", "modules_to_save", "use_rslora",
+               "use_dora", "bias", "rank_pattern", "alpha_pattern")
+
+
+def _layout(config: Any) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+    return {key: plain(getattr(config, key, None)) for key in LORA_LAYOUT}
+
+
+def use_adapter(model: Any, adapter_dir: Path) -> None:
+    """Make `model` (a PeftModel) run the LoRA adapter in `adapter_dir` instead of its own.
+
+    With the same layout (`LORA_LAYOUT`: a retrain of the same profile) its weights replace the active
+    adapter's in place, so no module is added and whatever patched the existing ones (Unsloth's fused
+    kernels, after training) still runs them; otherwise it is loaded beside the first and made active.
+    """
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    name = model.active_adapter
+    if _layout(config) != _layout(model.peft_config[name]):
+        model.load_adapter(str(adapter_dir), adapter_name="second")
+        model.set_adapter("second")
+        return
+    loaded = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir)), adapter_name=name)
+    kept = [k for k in loaded.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if loaded.unexpected_keys or kept:
+        raise ModelLoadError(f"the adapter in {adapter_dir} does not fill this model's adapter: unexpected "
+                             f"{loaded.unexpected_keys[:3]}, not loaded {kept[:3]}")
 
 
 def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, LoraConfig | None]:

@@ -39,7 +39,7 @@ from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
 from ml.runs import Champion
-from ml.serving import signature
+from ml.signature import signature
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from ml.config import PipelineConfig
 from ml.data import read_split
-from ml.evaluate import LossResult, evaluate_model, generate_answers
+from ml.evaluate import LossResult, evaluate_model, generate_answers, sample_rows
 from ml.identity import adapter_hash, base_identity, keys_hash, tokenizer_fingerprint, trained_on
-from ml.modeling import load_with_adapter, model_ref
+from ml.modeling import load_with_adapter, model_ref, use_adapter
 from ml.prompt import PromptFormat
 from ml.runs import Champion, RunPaths, read_champion, write_json
 
@@ -49,7 +49,7 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
                                                m.revision),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
                 "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
-    shown = test[:cfg.eval.num_sample_generations]
+    shown = sample_rows(tokenizer, test, fmt, cfg.eval.num_sample_generations, cfg.eval.max_new_tokens)
     samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
                zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
 
@@ -70,11 +70,8 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
         if shares_base and champ.base_identity and champ.base_identity != identity["base_identity"]:
             review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
                       f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
-        if shares_base:
-            # Same base weights: load the champion as a second adapter instead of a second model
-            # (an 8B base in memory once, not twice).
-            model.load_adapter(champ.adapter_dir, adapter_name="champion")
-            model.set_adapter("champion")
+        if shares_base:  # same base weights: the champion's adapter on this model, not a second model
+            use_adapter(model, Path(champ.adapter_dir))
             champ_model, champ_tok = model, tokenizer
         else:
             champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
@@ -107,7 +104,7 @@ def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Any, Any],
             score(cfg, paths, model, tokenizer, champ, "training process")
         except Exception as exc:  # noqa: BLE001  (the adapter is saved; evaluate scores instead)
             log.warning("scoring in the training process failed; the evaluate step will score: %s: %s",
-                        type(exc).__name__, exc)
+                        type(exc).__name__, exc, exc_info=True)
             paths.scores.unlink(missing_ok=True)
 
     return run

@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow.models import ModelSignature, set_model
+from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-from mlflow.types.schema import Array
 
 from ml.config import ModelConfig
 from ml.data import QAExample
 from ml.evaluate import generate_answers
 from ml.modeling import load_with_adapter
 from ml.prompt import PromptFormat
-
-PYFUNC_PARAMS = {"max_new_tokens": 128}
+from ml.signature import PYFUNC_PARAMS
 
 
 class LoraQAModel(PythonModel):  # type: ignore[misc]
@@ -36,7 +33,7 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
                                 load_in_4bit=bool(conf.get("load_in_4bit", True)), dtype=conf.get("dtype", "auto"))
         self.model, self.tokenizer = load_with_adapter(model_cfg, Path(context.artifacts["adapter"]))
 
-    # A DataFrame hint, from which MLflow infers no schema: the explicit signature() is the contract.
+    # A DataFrame hint, from which MLflow infers no schema: ml/signature.py is the contract.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         params = {**PYFUNC_PARAMS, **(params or {})}
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
@@ -49,15 +46,6 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
                 ctx = [ctx]
             examples.append(QAExample(str(i), str(rec["QUESTION"]), tuple(str(c) for c in ctx), ""))
         return generate_answers(self.model, self.tokenizer, examples, self.fmt, int(params["max_new_tokens"]))
-
-
-def signature() -> ModelSignature:
-    return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "QUESTION"),
-                       ColSpec(Array(DataType.string), "CONTEXTS", required=False)]),
-        outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema([ParamSpec(k, DataType.long, v) for k, v in PYFUNC_PARAMS.items()]),
-    )
 
 
 # Logged as "models from code": MLflow runs this file on load instead of unpickling an object.

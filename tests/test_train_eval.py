@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ from conftest import trained_run as _trained
 
 from ml.config import load_config
 from ml.data import read_split
-from ml.evaluate import evaluate_model, token_loss
-from ml.modeling import load_with_adapter, lora_config
-from ml.prompt import PromptFormat, encode_all
+from ml.evaluate import evaluate_model, sample_rows, token_loss
+from ml.modeling import load_tokenizer, load_with_adapter, lora_config, use_adapter
+from ml.prompt import PromptFormat, encode_all, render
 from ml.runs import read_json
 from ml.train import TrainResult
 
@@ -87,6 +88,42 @@ def test_a_failed_scoring_in_the_trainer_keeps_the_training_and_leaves_no_scores
     assert result.global_step == 2 and (paths.train / "adapter" / "adapter_model.safetensors").exists()
     assert not paths.scores.exists()
     assert "scoring in the training process failed; the evaluate step will score" in caplog.text
+
+
+def test_another_adapter_runs_in_place_of_the_first_or_beside_it(trained: Any, tmp_path: Path) -> None:
+    """How a champion sharing the base is scored on the challenger's model: the same LoRA layout
+    takes the first adapter's modules (no module added), another layout loads beside it."""
+    cfg, paths, _ = trained
+    test = read_split(paths.splits, "test")
+    fmt = PromptFormat.from_config(cfg)
+    model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
+    modules = len(list(model.modules()))
+    for name, overrides in (("same", {"train.seed": 1}), ("r8", {"lora.r": 8})):
+        _, other, _ = _trained(tmp_path / name, **{"train.max_steps": 3, "train.isolate": False, **overrides})
+        expected = evaluate_model(*load_with_adapter(cfg.model, other.train / "adapter"), test, fmt, 4)
+        before = evaluate_model(model, tok, test, fmt, 4)
+        use_adapter(model, other.train / "adapter")
+        got = evaluate_model(model, tok, test, fmt, 4)
+        assert got.loss == pytest.approx(expected.loss, rel=1e-6) and got.loss != pytest.approx(before.loss)
+        if name == "same":
+            assert len(list(model.modules())) == modules and model.active_adapter == "default"
+        else:
+            assert model.active_adapter == "second"
+
+
+def test_sample_answers_are_asked_only_where_the_answer_fits(trained: Any) -> None:
+    cfg, paths, _ = trained
+    test = read_split(paths.splits, "test")
+    tok = load_tokenizer(cfg.model, str(paths.train / "adapter"))
+    fmt = PromptFormat.from_config(cfg)
+    lengths = [len(tok(render(tok, fmt, ex.question, ex.contexts)[0], add_special_tokens=False)["input_ids"])
+               for ex in test]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts fit with a 10-token answer
+    tight = replace(fmt, max_length=limit + 10)
+    rows = sample_rows(tok, test, tight, 3, max_new_tokens=10)
+    assert rows == [ex for ex, n in zip(test, lengths, strict=True) if n <= limit][:3] and rows
+    assert sample_rows(tok, test, tight, 3, max_new_tokens=11) == [
+        ex for ex, n in zip(test, lengths, strict=True) if n < limit][:3]
 
 
 def test_token_loss_matches_the_models_own_loss_and_ignores_padding(trained: Any) -> None:
