@@ -18,14 +18,16 @@ from mlflow.pyfunc import PythonModel
 
 from ml.config import ModelConfig
 from ml.data import QAExample
-from ml.evaluate import generate_answers
-from ml.modeling import load_with_adapter
 from ml.prompt import PromptFormat
 from ml.signature import PYFUNC_PARAMS
 
 
 class LoraQAModel(PythonModel):  # type: ignore[misc]
+    # MLflow runs this file when a version is logged, to check it: the model stack is imported only
+    # where a model is loaded, so that logging a version does not pay for it.
     def load_context(self, context: Any) -> None:
+        from ml.modeling import load_with_adapter
+
         conf = dict(context.model_config or {})
         base = context.artifacts.get("base_model") or conf["base_model"]
         self.fmt = PromptFormat(**conf["prompt_format"])
@@ -35,6 +37,8 @@ class LoraQAModel(PythonModel):  # type: ignore[misc]
 
     # A DataFrame hint, from which MLflow infers no schema: ml/signature.py is the contract.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        from ml.evaluate import generate_answers
+
         params = {**PYFUNC_PARAMS, **(params or {})}
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else model_input
         examples = []

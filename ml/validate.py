@@ -36,8 +36,8 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from ml.config import PipelineConfig
 from ml.data import DECISION, DECISIONS, assign_split, normalize_question, to_example
 from ml.expectations import ExpectColumnValuesToHaveScriptShare
-from ml.modeling import load_tokenizer
 from ml.prompt import PromptFormat, token_lengths
+from ml.tokenizer_files import tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,9 @@ def _check_result(res: Any) -> CheckResult:
 
 
 def gate_tokenizer(cfg: PipelineConfig) -> Any:
-    """The base model's tokenizer for the fit check (no weights are loaded), or None without the check."""
-    return load_tokenizer(cfg.model) if cfg.validation.check_fit else None
+    """The base model's tokenizer for the fit check, from its files alone (ml/tokenizer_files.py),
+    or None without the check."""
+    return tokenizer_files(cfg.model) if cfg.validation.check_fit else None
 
 
 def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None = None) -> ValidationReport:

@@ -21,7 +21,7 @@ from ml.errors import ModelLoadError
 from ml.evaluate import decision_token_ids, generate_answers, token_loss
 from ml.modeling import load_with_adapter
 from ml.promotion import RowScore, Scores
-from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render
+from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render, token_lengths
 from ml.runs import read_json
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,22 @@ def test_the_base_model_is_built_once_from_its_package_as_a_plain_folder(smollm2
         ours = AutoModelForCausalLM.from_pretrained(smollm2)(input_ids=ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs)
+
+
+def test_the_gate_counts_the_real_tokenizers_tokens_as_the_trainer_does(smollm2: Path) -> None:
+    """SmolLM2's byte-level BPE and ChatML template, read from its files alone (ml/tokenizer_files.py),
+    give the prompts and token counts of transformers' AutoTokenizer on real PQA-L rows."""
+    from ml.tokenizer_files import tokenizer_files
+
+    cfg = load_config("smollm2-pubmedqa-en", {"model.base_model": str(smollm2)})
+    fmt = PromptFormat.from_config(cfg)
+    examples = load_examples(cfg.data)[:200]
+    light, full = tokenizer_files(cfg.model), AutoTokenizer.from_pretrained(smollm2)
+    assert light.eos_token == full.eos_token == "<|im_end|>"
+    ex = examples[0]
+    assert render(light, fmt, ex.question, ex.contexts, ex.target(True)) == render(full, fmt, ex.question,
+                                                                                   ex.contexts, ex.target(True))
+    assert token_lengths(light, examples, fmt) == [encode(full, e, fmt).full_length for e in examples]
 
 
 def test_a_missing_package_is_an_error_naming_the_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -229,3 +229,48 @@ def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
     via_snapshot = validate(read_snapshot(tmp_path / "snap"), cfg, tokenizer)
     assert "schema" in direct.failed_families
     assert via_snapshot.failed_families == direct.failed_families, via_snapshot.summary()
+
+
+def _same_counts(model_cfg: Any, examples: list[Any], fmt: Any) -> None:
+    """The gate's tokenizer (its files alone) renders and counts exactly as transformers' AutoTokenizer."""
+    from ml.modeling import load_tokenizer
+    from ml.prompt import render, token_lengths
+    from ml.tokenizer_files import tokenizer_files
+
+    light, full = tokenizer_files(model_cfg), load_tokenizer(model_cfg)
+    assert light.special_tokens_map["eos_token"] == full.eos_token and light.bos_token == full.bos_token
+    for ex in examples[:5]:
+        answer = ex.target(fmt.lead_with_decision)
+        assert render(light, fmt, ex.question, ex.contexts, answer) == render(full, fmt, ex.question, ex.contexts,
+                                                                              answer)
+    counts = token_lengths(light, examples, fmt)
+    assert counts == token_lengths(full, examples, fmt) and len(set(counts)) > 5
+
+
+def test_the_fit_check_counts_tokens_as_the_trainer_does_without_the_model_stack(
+        cfg: PipelineConfig, clean: list[dict[str, Any]], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from conftest import imports_of
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from ml import tokenizer_files
+    from ml.prompt import PromptFormat, token_lengths
+
+    examples = [to_example(r) for r in clean]
+    fmt = PromptFormat.from_config(cfg)
+    _same_counts(cfg.model, examples, fmt)  # the chat template
+    _same_counts(cfg.model, examples, dataclasses.replace(fmt, use_chat_template=False))  # BOS + Alpaca + EOS
+    assert imports_of("import ml.validate", ("torch", "peft", "transformers.modeling_utils")) == []
+    # a hub id: the same files, downloaded (stood in by the local folder; optional files may be absent)
+
+    def download(repo: str, name: str, revision: str | None) -> str:
+        assert repo == "org/tiny-llama-ko"
+        if not (tiny_model / name).exists():  # what hf_hub_download raises offline for a file it lacks
+            raise LocalEntryNotFoundError(f"{name} of {repo} is not in the local cache")
+        return str(tiny_model / name)
+
+    monkeypatch.setattr(tokenizer_files, "hf_hub_download", download)
+    from_hub = tokenizer_files.tokenizer_files(cfg.model.model_copy(update={"base_model": "org/tiny-llama-ko"}))
+    assert token_lengths(from_hub, examples, fmt) == token_lengths(tokenizer_files.tokenizer_files(cfg.model),
+                                                                   examples, fmt)
