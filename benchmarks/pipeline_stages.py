@@ -2,7 +2,7 @@
 
     python3 benchmarks/pipeline_stages.py --profile pubmedqa-ko-llama31-8b-seed --model /tmp/l8b
         [--data FILE | --rows 500] [--set KEY=VALUE ...] [--tag NAME] [--runs N [--then-set KEY=VALUE ...]]
-        [--work DIR]
+        [--work DIR] [--promote-first]
 
 On the GPU machine: the seed profile on the Llama-3.1-8B architecture (random weights from
 `../shared/gpu/anchor_bench.py make`, its stand-in tokenizer), on synthetic rows with
@@ -47,6 +47,9 @@ def main() -> int:
     parser.add_argument("--then-set", action="append", default=[], metavar="KEY=VALUE",
                         help="overrides of the runs after the first")
     parser.add_argument("--work", help="folder of the runs and the MLflow store (default: a new temp folder)")
+    parser.add_argument("--promote-first", action="store_true",
+                        help="promote the first run's version by hand (python -m ml promote) if its evaluation kept "
+                             "it, so that the next run meets a champion")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -99,6 +102,10 @@ def main() -> int:
                   "test_rows": scores["challenger"]["examples"], "tokens_per_s": trained.get("tokens_per_s"),
                   "peak_gpu_gib": trained.get("peak_gpu_gib")}
         print("RESULT " + json.dumps(report), flush=True)
+        if run == 1 and args.promote_first and not result["promoted"]:
+            subprocess.run([sys.executable, "-m", "ml", "promote", "--config", str(config), "--version",
+                            str(result["version"]), "--reason", "benchmark: the next run meets a champion"],
+                           cwd=HERE.parent, check=True, stdout=subprocess.DEVNULL)
     return 0
 
 
