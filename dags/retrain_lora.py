@@ -29,6 +29,7 @@ from typing import Any
 
 from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 
 # Only the light config module at parse time; each task imports the ML stack it runs.
 from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_config, param_schemas
@@ -93,7 +94,7 @@ def _schedule(cron: str | None) -> CronTriggerTimetable | None:
     params=PARAMS,
     tags=["llm", "lora", "mlflow"],
     doc_md=__doc__,
-    default_args={"retries": 0, "execution_timeout": SHORT},
+    default_args={"retries": 0, "execution_timeout": SHORT, "on_failure_callback": RetrainNotifier("failure")},
     dagrun_timeout=TRAIN_CAP + 2 * MODEL_WORK + 6 * SHORT,
 )
 def retrain_lora() -> None:
@@ -104,13 +105,15 @@ def retrain_lora() -> None:
         cfg, paths, _ = _run()
         return asdict(pipeline.load(cfg, paths))
 
-    @task
+    @task(on_skipped_callback=RetrainNotifier("decision"))  # skipped: nothing changed, and people are told
     def preflight(snapshot: dict[str, Any]) -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, run_key = _run()
-        reason = pipeline.preflight(cfg, paths, run_key, force=bool(get_current_context()["params"].get("force")))
+        ctx = get_current_context()
+        reason = pipeline.preflight(cfg, paths, run_key, force=bool(ctx["params"].get("force")))
         if reason:
+            ctx["ti"].xcom_push(key="skipped", value=reason)  # for the notification
             raise AirflowSkipException(reason)
         return snapshot
 
@@ -176,16 +179,18 @@ def retrain_lora() -> None:
         cfg, paths, _ = _run()
         return pipeline.keep(cfg, paths)  # tags the version rejected or needs_review; the aliases stay
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> str:
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, on_success_callback=RetrainNotifier("decision"))
+    def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> dict[str, Any]:
         from ml import pipeline
 
         cfg, paths, _ = _run()
-        reason = pipeline.final_decision(paths)["reason"]
-        line = (f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
-                f"version {registered['version']} | {reason}")
-        print(line)
-        return line
+        decision = pipeline.final_decision(paths)
+        print(f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
+              f"version {registered['version']} | {decision['reason']}")
+        return {**{k: decision[k] for k in ("outcome", "reason", "challenger_loss", "baseline_loss", "baseline")},
+                "model_name": cfg.registry.model_name,
+                "version": registered["version"], "run_id": registered["run_id"], "data_source": snapshot["source"],
+                "rows": snapshot["rows"], "fingerprint": snapshot["fingerprint"]}
 
     checked = preflight(load())  # skipped: so is everything after it, the summary included
     evaluation = evaluate(train(prepare(validate(checked))))

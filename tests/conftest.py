@@ -106,7 +106,7 @@ def tiny_model() -> Path:
     return TINY_MODEL
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -117,7 +117,7 @@ def mlflow_server() -> Iterator[str]:
     """A real `mlflow server` process (SQLite backend, proxied artifacts) on loopback."""
     root = _SESSION_DIR / "mlflow-server"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

@@ -8,7 +8,11 @@ After each, the registry must say exactly that.
 
 from __future__ import annotations
 
+import html
 import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +44,75 @@ def client(module_tracking: str) -> Any:
     return MlflowClient(module_tracking)
 
 
-def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Path, client: Any) -> None:
+@dataclass
+class Inbox:
+    """What people were told: e-mails a real SMTP server on loopback received, and webhook posts."""
+    mails: list[Any] = field(default_factory=list)
+    posts: list[dict[str, Any]] = field(default_factory=list)
+
+    def since(self, n_mails: int, n_posts: int) -> tuple[list[str], list[str]]:
+        texts = [m.get_payload(decode=True).decode() if not m.is_multipart() else
+                 "".join(p.get_payload(decode=True).decode() for p in m.walk() if p.get_content_type() == "text/html")
+                 for m in self.mails[n_mails:]]
+        return ([f"{m['Subject']}\n{html.unescape(t)}" for m, t in zip(self.mails[n_mails:], texts, strict=True)],
+                [p["text"] for p in self.posts[n_posts:]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inbox() -> Iterator[Inbox]:
+    """SMTP (aiosmtpd) and a webhook sink on loopback, named by the Airflow connections the DAG's
+    notifiers look for, for every run of this module."""
+    import email
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from aiosmtpd.controller import Controller
+    from conftest import free_port
+
+    box = Inbox()
+
+    class Mail:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            box.mails.append(email.message_from_bytes(envelope.content))
+            return "250 OK"
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            box.posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    smtp = Controller(Mail(), hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_CONN_RETRAIN_SMTP", json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port, "extra": {
+                "from_email": "retrain@example.test", "to": "ml-team@example.test, oncall@example.test",
+                "disable_ssl": True, "disable_tls": True}}))
+        env.setenv("AIRFLOW_CONN_RETRAIN_WEBHOOK", f"http://127.0.0.1:{web.server_address[1]}/hooks/retrain")
+        yield box
+    smtp.stop()
+    web.shutdown()
+
+
+def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Path, client: Any,
+                                                inbox: Inbox) -> None:
     dag_run = _run(retrain_dag)
     assert dag_run.state == "success"
     versions = _versions(client)
     assert list(versions) == ["1"]
     v1 = versions["1"]
+    # people were told, by e-mail (to both recipients) and on the webhook: the decision, both losses, the link
+    (mail,), (post,) = inbox.since(0, 0)
+    assert inbox.mails[0]["To"] == "ml-team@example.test, oncall@example.test"
+    for text in (mail, post):
+        assert f"retrain_lora: PROMOTED - {MODEL} v1" in text and dag_run.run_id in text
+        assert f"challenger {float(v1.tags['challenger_loss']):.4f} vs base model" in text
+        assert f"/#/models/{MODEL}/versions/1" in text and "improvement +" in text
     assert v1.tags["decision"] == "promoted" and v1.tags["baseline"] == "base model"
     assert float(v1.tags["challenger_loss"]) < float(v1.tags["baseline_loss"])
     assert _alias(client, "champion") == "1" and _alias(client, "previous_champion") is None
@@ -85,9 +152,13 @@ def test_better_challenger_takes_the_alias_and_keeps_the_previous(retrain_dag: A
     assert float(v2.tags["baseline_loss"]) == pytest.approx(float(_versions(client)["1"].tags["challenger_loss"]))
 
 
-def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, client: Any) -> None:
+def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, client: Any, inbox: Inbox) -> None:
+    told = len(inbox.mails), len(inbox.posts)
     dag_run = _run(retrain_dag, profile="e2e-lr0")
     assert dag_run.state == "success"
+    (mail,), (post,) = inbox.since(*told)
+    for text in (mail, post):
+        assert f"kept the champion - {MODEL} v3" in text and "does not beat champion v2" in text
     versions = _versions(client)
     v3 = versions["3"]
     assert v3.tags["decision"] == "rejected" and v3.tags["baseline"] == "champion v2"
@@ -98,9 +169,13 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
 
 
-def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, client: Any) -> None:
+def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, client: Any, inbox: Inbox) -> None:
+    told = len(inbox.mails), len(inbox.posts)
     dag_run = _run(retrain_dag, max_steps=90)  # what made version 2, the champion
     assert dag_run.state == "success"
+    (mail,), (post,) = inbox.since(*told)
+    for text in (mail, post):
+        assert f"run {dag_run.run_id} skipped" in text and "nothing changed since champion v2" in text
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["load"] == "success" and states["preflight"] == "skipped"
     assert all(states[t] == "skipped" for t in ("validate", "train", "register", "promote_champion", "summary"))
@@ -123,7 +198,8 @@ def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:
 
 
 def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
-        retrain_dag: Any, client: Any, tmp_path: Path) -> None:
+        retrain_dag: Any, client: Any, tmp_path: Path, inbox: Inbox) -> None:
+    told = len(inbox.mails), len(inbox.posts)
     rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
     rows[0]["LONG_ANSWER"] = ""
     bad = tmp_path / "bad.jsonl"
@@ -133,6 +209,10 @@ def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
     assert dag_run.state == "failed"
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["validate"] == "failed"
+    (mail,), (post,) = inbox.since(*told)  # the failure, told once: which task, why, where its log is
+    for text in (mail, post):
+        assert f"task validate failed (run {dag_run.run_id})" in text and "data-quality gate FAILED" in text
+        assert "content" in text and "/dags/retrain_lora/runs/" in text and "/tasks/validate" in text
     assert all(states[t] in ("upstream_failed", None) for t in ("prepare", "train", "register", "promote_champion"))
     assert _versions(client).keys() == before.keys() and _alias(client, "champion") == "2"
     # ... but reviewers find a run saying why: tagged failed, with GX's report and the HTML page.
