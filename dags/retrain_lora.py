@@ -18,6 +18,11 @@ field keeps the profile's value.
 Paused when created (Airflow's default). Unpausing starts nothing at once: the first
 scheduled run is the next time of the profile's schedule (`@weekly`: Sunday 00:00 UTC);
 a manual trigger runs now.
+
+New data starts a run too, before the schedule's time: the profile's dataset is an Airflow Asset
+(`file:///...` for a local file, `hf://datasets/<id>` for the hub), and an asset event for it
+(from a producing DAG's task with `outlets=[Asset("<uri>")]`, or `POST /api/v2/assets/events`)
+queues a run. A run whose data and config equal the champion's is skipped at preflight.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 
@@ -80,10 +94,18 @@ def _run() -> tuple[Any, Any, str]:
     return freeze(cfg, paths), paths, run_key
 
 
-def _schedule(cron: str | None) -> CronTriggerTimetable | None:
-    """The profile's schedule. Without a start date, the first run waits for the next scheduled
-    time: unpausing the DAG never starts a retrain at once (on the GPU, with nobody expecting it)."""
-    return None if cron is None else CronTriggerTimetable(cron, timezone="UTC", run_immediately=False)
+# The profile's dataset as an Airflow Asset: a run starts when an upstream job announces new data.
+DATASET = Asset(DEFAULT.data.uri)
+
+
+def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
+    """The profile's schedule or new data, whichever comes first (no schedule: new data only).
+    The time part has no start date, so the first run waits for the next scheduled time:
+    unpausing the DAG never starts a retrain at once (on the GPU, with nobody expecting it)."""
+    if cron is None:
+        return [DATASET]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC", run_immediately=False),
+                               assets=[DATASET])
 
 
 @dag(

@@ -35,6 +35,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # dataset files read here (ml/data.py)
+
+
 class DataConfig(_Strict):
     source: str = Field("ChuGyouk/PubMedQA-test-Ko", description=(
         "Hugging Face dataset id, or a local .jsonl/.json/.parquet/.csv file or `save_to_disk` folder "
@@ -61,6 +64,20 @@ class DataConfig(_Strict):
     question_label: str = Field("질문", description=(
         "Label of the question in the prompt's input (the data's language)."))
     contexts_label: str = Field("연구 내용", description="Label of the contexts in the prompt's input.")
+
+    @property
+    def is_local(self) -> bool:
+        """A file or folder here, not a hub id."""
+        return (resolve_path(self.source).exists() or self.source.endswith(LOCAL_SUFFIXES)
+                or self.source.startswith((".", "/", "~")))
+
+    @property
+    def uri(self) -> str:
+        """The dataset as one URI, by which an upstream job announces new data (the DAG's Airflow Asset):
+        `file:///abs/path` for a local source, `hf://datasets/<id>` (`@<revision>` when pinned) for the hub."""
+        if self.is_local:
+            return resolve_path(self.source).as_uri()
+        return f"hf://datasets/{self.source}" + (f"@{self.revision}" if self.revision else "")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -22,13 +22,12 @@ from typing import Any
 import datasets
 import pandas as pd
 
-from ml.config import CANONICAL_COLUMNS, DataConfig, resolve_path
+from ml.config import CANONICAL_COLUMNS, LOCAL_SUFFIXES, DataConfig, resolve_path
 from ml.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DECISION = "final_decision"  # the canonical name of the decision column (data.decision_column)
 DECISIONS = ("yes", "no", "maybe")
 
@@ -64,14 +63,9 @@ class Snapshot:
 
 # ---------------------------------------------------------------- loading
 
-def _is_local(source: str) -> bool:
-    path = resolve_path(source)
-    return path.exists() or source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
-
-
 def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
     """Raw records of the source, with an ``__id__`` field where the format has one."""
-    if not _is_local(cfg.source):
+    if not cfg.is_local:
         return _read_hub(cfg)
     path = resolve_path(cfg.source)
     if not path.exists():

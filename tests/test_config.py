@@ -156,3 +156,13 @@ def test_every_setting_is_documented_and_the_reference_is_current() -> None:
             assert field.description or key in SECTIONS, f"{section}.{key} has no description"
     doc = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     assert doc == reference_markdown(), "docs/settings.md is stale: python -m ml config --reference > docs/settings.md"
+
+
+def test_the_dataset_uri_names_a_hub_dataset_or_a_local_file() -> None:
+    """How an upstream job names the dataset when it announces new data (the DAG's Airflow Asset)."""
+    from ml.config import project_root
+
+    assert load_config("pubmedqa-ko-llama31-8b").data.uri == "hf://datasets/ChuGyouk/PubMedQA-test-Ko"
+    pinned = load_config("pubmedqa-ko-llama31-8b", {"data.revision": "v2"}).data.uri
+    assert pinned == "hf://datasets/ChuGyouk/PubMedQA-test-Ko@v2"
+    assert load_config("demo").data.uri == (project_root() / "data/sample/pubmedqa_ko_sample.jsonl").as_uri()

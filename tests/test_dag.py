@@ -32,12 +32,18 @@ def test_task_graph(dag: Any) -> None:
 def test_schedule_and_concurrency(dag: Any) -> None:
     assert dag.max_active_runs == 1
     assert dag.catchup is False
-    from airflow.sdk import CronTriggerTimetable
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
     from airflow.timetables.base import TimeRestriction
     from airflow.timetables.trigger import CronTriggerTimetable as SchedulerTimetable
     from airflow.utils import timezone
 
-    t = dag.timetable
+    from ml.config import load_config
+
+    schedule = dag.timetable  # the profile's schedule or new data, whichever comes first
+    assert isinstance(schedule, AssetOrTimeSchedule)
+    assert [a.uri for a in schedule.asset_condition.objects] == [load_config("e2e").data.uri]
+    assert load_config("e2e").data.uri.startswith("file:///") and load_config("e2e").data.uri.endswith(".jsonl")
+    t = schedule.timetable
     assert isinstance(t, CronTriggerTimetable) and t.expression == "0 0 * * 0"  # the profile's @weekly
     # what the scheduler computes for a first unpause: the next Sunday midnight, not a run at once
     scheduler = SchedulerTimetable(t.expression, timezone=t.timezone, run_immediately=t.run_immediately)

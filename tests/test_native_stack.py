@@ -169,15 +169,15 @@ def test_trigger_through_rest_and_find_the_promoted_version(
               lambda: _http("GET", f"{af_url}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 240, procs, logs)
         _http("PATCH", f"{af_url}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
         status, run = _http("POST", f"{af_url}/api/v2/dags/retrain_lora/dagRuns",
-                            {"logical_date": None, "conf": {"profile": "e2e-manual", "max_steps": 10}}, auth)
+                            {"logical_date": None, "conf": {"profile": "e2e-manual"}}, auth)
         assert status in (200, 201), run
         run_id = run["dag_run_id"]
 
-        def finished() -> str | None:
+        def finished(run_id: str) -> str | None:
             code, state = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}", headers=auth)
             return state["state"] if code == 200 and state["state"] in ("success", "failed") else None
 
-        assert _wait("the DAG run", finished, 900, procs, logs) == "success", \
+        assert _wait("the DAG run", lambda: finished(run_id), 900, procs, logs) == "success", \
             (logs / "worker.log").read_text()[-4000:]
 
         basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()}
@@ -195,6 +195,27 @@ def test_trigger_through_rest_and_find_the_promoted_version(
 
         status, _ = _http("POST", f"{ml_url}/api/2.0/mlflow/experiments/create", {"name": "anonymous"})
         assert status == 401  # no anonymous writes
+
+        # New data announced as an upstream job would, through the REST API: an asset event for the
+        # profile's dataset queues a run. Its data and config equal the champion's: it skips.
+        from ml.config import load_config
+
+        uri = load_config("e2e-manual").data.uri
+        status, found = _http("GET", f"{af_url}/api/v2/assets?limit=100", headers=auth)
+        (asset,) = [a for a in found["assets"] if a["uri"] == uri]
+        status, event = _http("POST", f"{af_url}/api/v2/assets/events", {"asset_id": asset["id"]}, auth)
+        assert status in (200, 201), event
+
+        def triggered() -> str | None:
+            code, runs = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns", headers=auth)
+            ids = [r["dag_run_id"] for r in runs.get("dag_runs", []) if r["run_type"] == "asset_triggered"]
+            return ids[0] if code == 200 and ids else None
+
+        data_run = _wait("a run triggered by new data", triggered, 120, procs, logs)
+        assert _wait("the data-triggered run", lambda: finished(data_run), 600, procs, logs) == "success"
+        code, tis = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{data_run}/taskInstances", headers=auth)
+        states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
+        assert states["preflight"] == "skipped" and states["train"] == "skipped", states
     finally:
         for proc in procs.values():
             if proc.poll() is None:
