@@ -206,6 +206,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         return existing
     experiment_id = ensure_experiment(reg)
     client = MlflowClient()
+    _close_abandoned(client, experiment_id, run_key)
     history = json.loads((run_dir / "train" / "log_history.json").read_text())
     adapter_dir = run_dir / "train" / "adapter"
 
@@ -254,6 +255,19 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     _decision_tags(client, reg, str(mv.version), decision)
     log.info("logged run %s and registered %s version %s", run_id, reg.model_name, mv.version)
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
+
+
+def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str) -> None:
+    """Runs of this run key left RUNNING by an attempt that stopped before it registered a version
+    (killed, or the server went away): marked KILLED, so that only the retry's run looks alive."""
+    for run in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}' and "
+                                                   "attributes.status = 'RUNNING'"):
+        if client.search_model_versions(f"run_id='{run.info.run_id}'"):
+            continue  # it registered a version (of another adapter): not abandoned
+        log.warning("closing run %s of %s, left RUNNING by an attempt that stopped before registering",
+                    run.info.run_id, run_key)
+        client.set_tag(run.info.run_id, "pipeline.note", "an attempt stopped before registering; a retry took over")
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snapshot: dict[str, Any]) -> str:

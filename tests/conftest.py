@@ -6,8 +6,10 @@ AIRFLOW_HOME, the test profiles) is set here, before any test imports it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,38 +114,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_server() -> Iterator[str]:
-    """A real `mlflow server` process (SQLite backend, proxied artifacts) on loopback."""
-    root = _SESSION_DIR / "mlflow-server"
-    root.mkdir()
-    port = free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
+class MlflowServer:
+    """A real `mlflow server` process (SQLite backend, proxied artifacts) on loopback; a test may stop
+    it and start it again on the same port with the same store, as an outage does."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> str:
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     if resp.status == 200:
-                        break
+                        return self.url
             except OSError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
+
+    def stop(self) -> None:
+        """The server and every process it started (uvicorn, job runners): its port is free after."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[str]:
+    """One MLflow server for the session."""
+    server = MlflowServer(_SESSION_DIR / "mlflow-server")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture()

@@ -10,9 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, MlflowServer
 
 from ml import pipeline
 from ml.config import load_config
@@ -73,12 +74,12 @@ def test_a_hung_tracking_server_ends_the_step_within_its_timeout(silent_server: 
     assert time.monotonic() - started < 60  # MLflow's own defaults: 120 s per request, 7 retries
 
 
-def _killed_in(step: str, owner: str, name: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Run `pipeline.<step>` in a process that dies (os._exit: no cleanup, like SIGKILL) right
-    after its first call of `<owner>.<name>` returns."""
+def _killed_in(step: str, owner: str, name: str, run_dir: Path, run_key: str, model: str) -> int:
+    """Run `pipeline.<step>` (for registered model `model`) in a process that dies (os._exit: no
+    cleanup, like SIGKILL) right after its first call of `<owner>.<name>` returns; its exit code."""
     code = (
         "import json, os, pathlib\n"
-        "import mlflow\n"
+        "import mlflow, mlflow.pyfunc\n"
         "from ml import pipeline, registry\n"
         "from ml.config import PipelineConfig\n"
         f"original = getattr({owner}, {name!r})\n"
@@ -88,39 +89,121 @@ def _killed_in(step: str, owner: str, name: str, run_dir: Path) -> subprocess.Co
         f"setattr({owner}, {name!r}, dying)\n"
         f"paths = pipeline.RunPaths(pathlib.Path({str(run_dir)!r}))\n"
         "cfg = PipelineConfig.model_validate(json.loads((paths.root / 'config.json').read_text()))\n"
-        f"pipeline.{step}(cfg, paths, paths.root.name)\n")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        f"cfg = cfg.model_copy(update={{'registry': cfg.registry.model_copy(update={{'model_name': {model!r}}})}})\n"
+        f"pipeline.{step}(cfg, paths, {run_key!r})\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 9), out.stderr[-3000:]
+    return out.returncode
 
 
-def test_a_worker_killed_in_register_or_promote_and_retried_leaves_one_finished_version(
-        tracking: str, tiny_model: Path, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
-    name = "faults-tiny-lora"
-    cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 30, "registry.model_name": name})
-    paths = pipeline.run_paths(cfg, "killed")
-    cfg = pipeline.freeze(cfg, paths)  # what the killed processes read
+@pytest.fixture(scope="module")
+def evaluated(module_tracking: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(config, run folder) of one trained and evaluated run, frozen as the killed processes read it."""
+    cfg = load_config("e2e", {"output_dir": str(tmp_path_factory.mktemp("faults")), "train.max_steps": 30})
+    paths = pipeline.run_paths(cfg, "evaluated")
+    cfg = pipeline.freeze(cfg, paths)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
     assert read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
-    client = MlflowClient(tracking)
+    return cfg, paths
 
-    # killed right after the version was registered: its run still open, its decision tags unwritten
-    assert _killed_in("register", "mlflow", "register_model", paths.root).returncode == 9
-    (version,) = client.search_model_versions(f"name='{name}'")
-    assert client.get_run(version.run_id).info.status == "RUNNING" and "decision_reason" not in version.tags
-    retried = pipeline.register(cfg, paths, "killed")  # the task's retry
-    (again,) = client.search_model_versions(f"name='{name}'")
-    assert retried["version"] == str(version.version) == str(again.version)
-    assert client.get_run(version.run_id).info.status == "FINISHED" and "decision_reason" in again.tags
-    artifacts = {a.path for a in client.list_artifacts(version.run_id, "reports")}
-    assert {"reports/evaluation.json", "reports/train_rows.json", "reports/loss_curve.png"} <= artifacts
 
-    # killed right after the alias moved, before the outcome was recorded
-    assert _killed_in("promote", "registry", "move_champion", paths.root).returncode == 9
-    assert client.get_registered_model(name).aliases == {"champion": version.version}
-    assert client.get_model_version(name, version.version).tags["decision"] == "promote"  # not yet "promoted"
-    result = pipeline.promote(cfg, paths, "killed")  # the retry finishes the bookkeeping, scores nothing again
-    assert result["promoted"] and client.get_model_version(name, version.version).tags["decision"] == "promoted"
-    assert client.get_registered_model(name).aliases == {"champion": version.version}
-    assert len(client.search_model_versions(f"name='{name}'")) == 1
+def _named(cfg: Any, model: str) -> Any:
+    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": model})})
+
+
+# Every MLflow write of register, in order: the run opened, its artifacts, the model, the version.
+REGISTER_WRITES = [("mlflow", "start_run"), ("mlflow", "log_artifact"), ("mlflow.pyfunc", "log_model"),
+                   ("mlflow", "register_model")]
+
+
+@pytest.mark.parametrize(("owner", "name"), REGISTER_WRITES)
+def test_a_worker_killed_in_register_and_retried_leaves_one_finished_version(
+        evaluated: Any, owner: str, name: str) -> None:
+    from mlflow import MlflowClient
+
+    cfg, paths = evaluated
+    model, key = f"faults-{name}", f"killed-in-{name}"
+    assert _killed_in("register", owner, name, paths.root, key, model) == 9
+    client = MlflowClient()
+    before = client.search_model_versions(f"name='{model}'") if name == "register_model" else []
+    retried = pipeline.register(_named(cfg, model), paths, key)  # the task's retry
+    (version,) = client.search_model_versions(f"name='{model}'")
+    assert retried["version"] == str(version.version) and [v.version for v in before] in ([], [version.version])
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and "decision_reason" in version.tags
+    assert {"reports/evaluation.json", "reports/train_rows.json", "reports/loss_curve.png"} <= {
+        a.path for a in client.list_artifacts(version.run_id, "reports")}
+    # what the killed attempt left open was closed, and only the retry's run looks alive
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    others = [r for r in client.search_runs([exp.experiment_id], f"tags.`pipeline.run_key` = '{key}'")
+              if r.info.run_id != version.run_id]
+    assert all(r.info.status == "KILLED" for r in others), [(r.info.run_id, r.info.status) for r in others]
+    assert len(others) == (0 if name == "register_model" else 1)
+
+
+def test_a_worker_killed_after_the_alias_moved_and_retried_finishes_the_bookkeeping(evaluated: Any) -> None:
+    from mlflow import MlflowClient
+
+    cfg, paths = evaluated
+    model, key = "faults-promote", "killed-in-promote"
+    cfg = _named(cfg, model)
+    (version,) = [pipeline.register(cfg, paths, key)["version"]]
+    client = MlflowClient()
+    assert _killed_in("promote", "registry", "move_champion", paths.root, key, model) == 9
+    assert client.get_registered_model(model).aliases == {"champion": version}
+    assert client.get_model_version(model, version).tags["decision"] == "promote"  # not yet "promoted"
+    result = pipeline.promote(cfg, paths, key)  # the retry finishes the bookkeeping, scores nothing again
+    assert result["promoted"] and client.get_model_version(model, version).tags["decision"] == "promoted"
+    assert client.get_registered_model(model).aliases == {"champion": version}
+    assert len(client.search_model_versions(f"name='{model}'")) == 1
+
+
+def test_mlflow_down_during_register_and_promote_the_retries_end_with_one_version_and_the_alias(
+        evaluated: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server of its own, stopped in the middle of register (after the run was opened) and before
+    promote, started again on the same port and store: each step's retry completes the run."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ml import registry
+
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    cfg, paths = evaluated
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={
+        "tracking_uri": server.url, "request_retries": 0, "request_timeout_s": 5, "model_name": "faults-outage"})})
+    key = "outage"
+    original = mlflow.log_artifact
+
+    def outage(*args: Any, **kwargs: Any) -> Any:  # the server goes away while the run is being written
+        server.stop()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(registry.mlflow, "log_artifact", outage)
+    try:
+        started = time.monotonic()
+        with pytest.raises(MlflowException):
+            pipeline.register(cfg, paths, key)
+        assert time.monotonic() - started < 120  # fails within the configured timeout, for the task to retry
+        monkeypatch.setattr(registry.mlflow, "log_artifact", original)
+        server.start()
+        registered = pipeline.register(cfg, paths, key)  # the retry, once the server is back
+        server.stop()
+        with pytest.raises(MlflowException):
+            pipeline.promote(cfg, paths, key)
+        server.start()
+        assert pipeline.promote(cfg, paths, key)["promoted"]  # the retry
+
+        client = MlflowClient(server.url)
+        (version,) = client.search_model_versions("name='faults-outage'")
+        assert str(version.version) == registered["version"]
+        assert client.get_registered_model("faults-outage").aliases == {"champion": registered["version"]}
+        assert client.get_run(version.run_id).info.status == "FINISHED" and version.tags["decision"] == "promoted"
+        runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+                                  "tags.`pipeline.run_key` = 'outage'")
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the interrupted attempt, closed
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(None)

@@ -151,6 +151,20 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
     cfg = _cfg(name, tmp_path, **{"train.max_steps": 30})
     paths = _until_register(cfg, "same-key")
     first = read_json(paths.reports / "registered.json")
+
+    def artifacts(version: str) -> dict[str, bytes]:  # every file of the version's run and model, by path
+        import mlflow
+
+        files = {}
+        for uri in (f"runs:/{first['run_id']}/", f"models:/{name}/{version}"):
+            dst = tmp_path / f"dl-{len(list(tmp_path.iterdir()))}"
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+            files.update({f"{uri}|{f.relative_to(root)}": f.read_bytes() for f in root.rglob("*") if f.is_file()})
+        return files
+
+    kept = artifacts(first["version"])
+    assert any(k.endswith("adapter_model.safetensors") for k in kept)
+    assert any(k.endswith("reports/evaluation.json") for k in kept)
     # another attempt under the same key trains again and rewrites the adapter after that evaluation
     pipeline.train(_cfg(name, tmp_path, **{"train.max_steps": 32, "train.learning_rate": 1e-3}), paths)
     with pytest.raises(RegistryConflict, match="not the one evaluated"):
@@ -164,6 +178,7 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
     assert _alias(client, name, "champion") == second["version"]
     adapters = {v.version: v.tags["adapter_sha256"] for v in client.search_model_versions(f"name='{name}'")}
     assert adapters[first["version"]] != adapters[second["version"]]
+    assert second["run_id"] != first["run_id"] and artifacts(first["version"]) == kept  # nothing overwritten
 
 
 def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset_is_rekeyed(
