@@ -30,7 +30,7 @@ from ml.config import (
     reference_markdown,
     resolve_path,
 )
-from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict
+from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict, RegistryUnavailable
 from ml.runs import run_paths
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, ModelLoadError, RegistryConflict) as exc:
+    except (ConfigError, DataError, ModelLoadError, RegistryConflict, RegistryUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except GateFailed as exc:

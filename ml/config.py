@@ -457,7 +457,10 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
     """Airflow Params -> config. A None/empty Param means "keep the profile's value"."""
     overrides = {PARAM_PATHS[k]: v for k, v in params.items()
                  if k in PARAM_PATHS and v not in (None, "")}
-    return load_config(params.get("profile") or None, overrides)
+    profile = params.get("profile") or None
+    if profile is not None and profile not in available_profiles():  # a name, never a path to some file
+        raise ConfigError(f"unknown profile {profile!r}: a run takes one of {', '.join(available_profiles())}")
+    return load_config(profile, overrides)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

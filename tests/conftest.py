@@ -118,18 +118,29 @@ class MlflowServer:
     """A real `mlflow server` process (SQLite backend, proxied artifacts) on loopback; a test may stop
     it and start it again on the same port with the same store, as an outage does."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or free_port()
+    def __init__(self, root: Path, port: int | None = None, admin_password: str | None = None) -> None:
+        """`admin_password`: with MLflow's basic-auth app, an `admin` user and no permission by default."""
+        self.root, self.port, self.admin_password = root, port or free_port(), admin_password
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> str:
         log = (self.root / "server.log").open("ab")
+        auth, env = [], dict(os.environ)
+        if self.admin_password:
+            ini = self.root / "basic_auth.ini"
+            ini.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                           f"database_uri = sqlite:///{self.root / 'auth.db'}\nadmin_username = admin\n"
+                           f"admin_password = {self.admin_password}\n"
+                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            auth = ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-secret")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "mlflow", "server", *auth, "--backend-store-uri",
+             f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + 120
         while True:
             try:

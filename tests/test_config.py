@@ -166,3 +166,12 @@ def test_the_dataset_uri_names_a_hub_dataset_or_a_local_file() -> None:
     pinned = load_config("pubmedqa-ko-llama31-8b", {"data.revision": "v2"}).data.uri
     assert pinned == "hf://datasets/ChuGyouk/PubMedQA-test-Ko@v2"
     assert load_config("demo").data.uri == (project_root() / "data/sample/pubmedqa_ko_sample.jsonl").as_uri()
+
+
+def test_a_run_takes_profile_names_from_the_profile_folders_only(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "demo.yaml"
+    elsewhere.write_text("extends: demo\n")
+    for name in (str(elsewhere), "../ml/profiles/demo", "no-such-profile"):
+        with pytest.raises(ConfigError, match="a run takes one of .*demo"):
+            config_from_params({"profile": name})
+    assert config_from_params({"profile": "demo"}).profile == "demo"

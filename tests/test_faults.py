@@ -3,6 +3,7 @@ registry step. Real processes: an MLflow server, a socket that never answers, a 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -207,3 +208,40 @@ def test_mlflow_down_during_register_and_promote_the_retries_end_with_one_versio
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)
+
+
+def test_wrong_mlflow_credentials_or_no_write_permission_fail_before_training(tiny_model: Path, tmp_path: Path) -> None:
+    """Against MLflow with authentication: a wrong password, and a user who may only read the
+    run's experiment, each end the pipeline at preflight with one line naming the server, exit 2."""
+    import base64
+    import json
+    import urllib.request
+
+    server = MlflowServer(tmp_path / "mlflow", admin_password="right-password")
+    server.start()
+    try:
+        admin = {"Authorization": "Basic " + base64.b64encode(b"admin:right-password").decode(),
+                 "Content-Type": "application/json"}
+
+        def call(path: str, body: dict[str, Any]) -> Any:
+            req = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(), headers=admin)
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"{}")
+
+        experiment = call("/api/2.0/mlflow/experiments/create", {"name": "e2e"})["experiment_id"]
+        call("/api/2.0/mlflow/users/create", {"username": "reader", "password": "reader-password"})
+        call("/api/3.0/mlflow/users/permissions/grant",
+             {"username": "reader", "resource_type": "experiment", "resource_id": experiment, "permission": "READ"})
+        for user, password, why in (("admin", "wrong-password", "401"), ("reader", "reader-password", "403")):
+            out = subprocess.run(
+                [sys.executable, "-m", "ml", "pipeline", "--profile", "e2e", "--set", f"output_dir={tmp_path / user}",
+                 "--set", f"registry.tracking_uri={server.url}", "--set", "registry.request_retries=0"],
+                cwd=ROOT, capture_output=True, text=True, timeout=300,
+                env={**os.environ, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password})
+            assert out.returncode == 2, out.stderr[-2000:]
+            (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+            assert f"MLflow at {server.url} cannot be used by this run (nothing was trained)" in line, line
+            assert why in line and "Traceback" not in out.stderr
+            assert not list((tmp_path / user).glob("*/train")) and password not in out.stderr
+    finally:
+        server.stop()
