@@ -40,8 +40,8 @@ unit: install
 test: lint typecheck
 	$(BIN)/pytest -q
 
-# The demo's state in the UIs (run `make demo` first). Local only: every user is admin, the API
-# listens on 127.0.0.1; standalone starts its parts as `airflow ...`, hence the venv on PATH.
+# The demo's state in the UIs (run `make demo` first). Local only: every user is admin, every
+# listener is on 127.0.0.1 (scripts/airflow_local.sh).
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO_STATE)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
@@ -49,8 +49,7 @@ airflow-ui: install
 	AIRFLOW_HOME=$(DEMO_STATE)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True RETRAIN_PROFILE=$(DEMO_PROFILE) \
-	AIRFLOW__API__HOST=127.0.0.1 PATH=$(CURDIR)/$(BIN):$$PATH \
-	MLFLOW_TRACKING_URI=sqlite:///$(DEMO_STATE)/mlflow/mlflow.db $(BIN)/airflow standalone
+	MLFLOW_TRACKING_URI=sqlite:///$(DEMO_STATE)/mlflow/mlflow.db scripts/airflow_local.sh
 
 # The stack without Docker (MLflow server + airflow standalone), for the UIs.
 up: install

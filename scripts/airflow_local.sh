@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Airflow's parts on this machine, in the foreground until Ctrl-C (make airflow-ui, make up): what
+# `airflow standalone` starts, with every listener on 127.0.0.1. Standalone's scheduler and triggerer
+# each serve their task logs on all interfaces (ports 8793/8794, no host setting); here they serve
+# none: the API server reads the task logs from this machine's log folder. The caller sets
+# AIRFLOW_HOME and the rest of Airflow's configuration; AIRFLOW_PORT (default 8080) is the UI's port.
+set -euo pipefail
+BIN=$(cd "$(dirname "$0")/.." && pwd)/.venv/bin
+export PATH=$BIN:$PATH AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=${AIRFLOW_PORT:-8080}
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/
+airflow db migrate >/dev/null
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT INT TERM
+airflow api-server --host 127.0.0.1 --port "${AIRFLOW_PORT:-8080}" & pids+=($!)
+airflow scheduler --skip-serve-logs & pids+=($!)
+airflow dag-processor & pids+=($!)
+airflow triggerer --skip-serve-logs & pids+=($!)
+echo "Airflow at http://127.0.0.1:${AIRFLOW_PORT:-8080} (every user is admin, this machine only); Ctrl-C stops it"
+wait -n "${pids[@]}"  # one part ended: stop the others
