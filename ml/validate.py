@@ -167,12 +167,25 @@ def build_frame(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenize
 
 
 def _token_counts(df: Any, cfg: PipelineConfig, tokenizer: Any) -> list[int | None]:
+    """Prompt + answer tokens per row. A row whose text cannot fit is not tokenised (a 50 MB answer
+    would take gigabytes of token bookkeeping): with more UTF-8 bytes than `max_seq_length` tokens
+    of the vocabulary's longest can hold, its count is that lower bound, already past the limit."""
     cols = zip(df["key"], df["QUESTION__text"], df["CONTEXTS"], df["CONTEXTS__text"], df["LONG_ANSWER__text"],
                strict=True)
     rows = [{"key": k, "QUESTION": q, "CONTEXTS": c, "LONG_ANSWER": a} if None not in (q, ct, a) else None
             for k, q, c, ct, a in cols]
-    lengths = iter(token_lengths(tokenizer, [to_example(r) for r in rows if r], PromptFormat.from_config(cfg)))
-    return [next(lengths) if r else None for r in rows]
+    longest = max(len(t.encode("utf-8")) for t in _vocabulary(tokenizer))
+    sizes = [sum(len(t.encode("utf-8")) for t in (r["QUESTION"], *r["CONTEXTS"], r["LONG_ANSWER"])) if r else 0
+             for r in rows]
+    bound = [size // longest + 1 if size > longest * cfg.model.max_seq_length else None for size in sizes]
+    counted = [r for r, b in zip(rows, bound, strict=True) if r and b is None]
+    lengths = iter(token_lengths(tokenizer, [to_example(r) for r in counted], PromptFormat.from_config(cfg)))
+    return [None if not r else b if b is not None else next(lengths) for r, b in zip(rows, bound, strict=True)]
+
+
+def _vocabulary(tokenizer: Any) -> list[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return list((backend.get_vocab() if backend is not None else tokenizer.get_vocab()).keys())
 
 
 # ---------------------------------------------------------------- the suite
@@ -264,14 +277,20 @@ def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: 
     return report
 
 
+REPORT_CHARS = 500  # a value quoted in a report longer than this is cut, its length stated
+
+
 def masked(obj: Any) -> Any:
     """`obj` with every personal identifier the privacy checks look for replaced by its kind
-    ("[phone number]"): GX's result quotes offending values, and the reports travel to MLflow.
-    Row keys (`key` fields) stay, so reviewers still find the rows."""
+    ("[phone number]"), and every long text cut to `REPORT_CHARS`: GX's result quotes offending
+    values, and the reports travel to MLflow. Row keys (`key` fields) stay, so reviewers still
+    find the rows."""
     if isinstance(obj, str):
+        extra = len(obj) - REPORT_CHARS
+        text = obj[:REPORT_CHARS + 200] if extra > 0 else obj  # room for an identifier across the cut
         for kind, whole in _WHOLE.items():
-            obj = re.sub(whole, f"[{kind}]", obj)
-        return obj
+            text = re.sub(whole, f"[{kind}]", text)
+        return f"{text[:REPORT_CHARS]}… [{len(obj):,} characters in all]" if extra > 0 else text
     if isinstance(obj, dict):
         return {k: v if k == "key" else masked(v) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -210,6 +210,37 @@ def test_reports_mask_the_personal_data_they_found_and_keep_row_keys(
     assert "[phone number]" in written and "[e-mail address]" in written and "[resident registration number]" in written
 
 
+def test_a_huge_row_is_judged_without_tokenising_it_and_its_report_stays_small(
+        rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any, tmp_path: Path) -> None:
+    """A 5 MB answer: its token count is a lower bound from its size (already past max_seq_length),
+    the other rows are counted exactly, and the report quotes it cut short, its identifiers masked.
+    (A 50 MB row's memory and time: docs/benchmarks.md.)"""
+    from ml.validate import REPORT_CHARS, build_frame
+
+    exact = build_frame(rows, cfg, tokenizer)["n_tokens"].tolist()
+    rows[5]["LONG_ANSWER"] = "연락처 010-1234-5678. " + "가나다라마바사아자차 " * 500_000
+    frame = build_frame(rows, cfg, tokenizer)
+    counts = frame["n_tokens"].tolist()
+    assert counts[:5] + counts[6:] == exact[:5] + exact[6:]
+    longest = max(len(t.encode()) for t in tokenizer.get_vocab())
+    assert counts[5] == len(rows[5]["LONG_ANSWER"].encode() + rows[5]["QUESTION"].encode()
+                            + "".join(rows[5]["CONTEXTS"]).encode()) // longest + 1 > cfg.model.max_seq_length
+    report = _gate(rows, cfg, tokenizer)
+    assert {"content", "privacy"} <= report.failed_families
+    json_path, _ = report.write(tmp_path / "validation.json")
+    written = json_path.read_text(encoding="utf-8")
+    assert len(written) < 200_000 and "010-1234-5678" not in written and "[phone number]" in written
+    assert f"{len(rows[5]['LONG_ANSWER']):,} characters in all" in written
+    assert max(len(v) for v in _strings(json.loads(written))) < REPORT_CHARS + 100
+
+
+def _strings(obj: Any) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    return [s for v in values for s in _strings(v)]
+
+
 def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
         cfg: PipelineConfig, tokenizer: Any, tmp_path: Path) -> None:
     """A bytes column (parquet binary) fails the gate on the source; the pipeline's gate reads the
