@@ -68,8 +68,7 @@ class DataConfig(_Strict):
     @property
     def is_local(self) -> bool:
         """A file or folder here, not a hub id."""
-        return (resolve_path(self.source).exists() or self.source.endswith(LOCAL_SUFFIXES)
-                or self.source.startswith((".", "/", "~")))
+        return _looks_local(self.source)
 
     @property
     def uri(self) -> str:
@@ -287,6 +286,10 @@ class PipelineConfig(_Strict):
     description: str = Field("", description="One line on what the profile is for.")
     schedule: str | None = Field("@weekly", description="Airflow schedule of retraining (null: manual runs only).")
     output_dir: str = Field("state/runs", description="Where runs write snapshots, splits, adapters and reports.")
+    form_roots: list[str] = Field(["data", "state"], description=(
+        "Folders (relative to the project root, or absolute) that a local `dataset` or `base_model` given in "
+        "the trigger form must lie in; the form refuses any other path (the workers' other files stay out of "
+        "reports). Hub ids are not paths. The CLI is its user's own shell: its paths are not confined."))
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
@@ -460,7 +463,20 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
     profile = params.get("profile") or None
     if profile is not None and profile not in available_profiles():  # a name, never a path to some file
         raise ConfigError(f"unknown profile {profile!r}: a run takes one of {', '.join(available_profiles())}")
-    return load_config(profile, overrides)
+    cfg = load_config(profile, overrides)
+    roots = [resolve_path(r).resolve() for r in cfg.form_roots]
+    for param in ("dataset", "base_model"):
+        value = params.get(param)
+        local = resolve_path(value).resolve() if value and _looks_local(value) else None
+        if local is not None and not any(local.is_relative_to(root) for root in roots):
+            raise ConfigError(f"{param} {value!r} is outside the folders the trigger form may read "
+                              f"({', '.join(cfg.form_roots)}: form_roots)")
+    return cfg
+
+
+def _looks_local(value: str) -> bool:
+    """A path here, not a hub id (`org/name`)."""
+    return value.startswith((".", "/", "~")) or resolve_path(value).exists() or value.endswith(LOCAL_SUFFIXES)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

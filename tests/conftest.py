@@ -47,6 +47,7 @@ PROFILES.mkdir(parents=True)
 (PROFILES / "e2e.yaml").write_text(f"""\
 extends: demo
 output_dir: {_SESSION_DIR / 'runs'}
+form_roots: [data, state, {tempfile.gettempdir()}]  # tests trigger runs on data they write there
 model:
   base_model: {TINY_MODEL}
 train:

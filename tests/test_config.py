@@ -175,3 +175,17 @@ def test_a_run_takes_profile_names_from_the_profile_folders_only(tmp_path: Path)
         with pytest.raises(ConfigError, match="a run takes one of .*demo"):
             config_from_params({"profile": name})
     assert config_from_params({"profile": "demo"}).profile == "demo"
+
+
+def test_the_form_reads_local_paths_only_inside_its_roots(tmp_path: Path) -> None:
+    from ml.config import project_root
+
+    sample = "data/sample/pubmedqa_ko_sample.jsonl"
+    assert config_from_params({"profile": "demo", "dataset": sample}).data.source == sample
+    assert config_from_params({"profile": "demo", "dataset": "ChuGyouk/PubMedQA-test-Ko"}).data.is_local is False
+    outside = tmp_path / "secrets.jsonl"
+    outside.write_text("{}")
+    for param, value in (("dataset", str(outside)), ("dataset", "data/../../etc/passwd.jsonl"),
+                         ("base_model", "/etc"), ("dataset", str(project_root() / "ml" / "config.py"))):
+        with pytest.raises(ConfigError, match=f"{param} .* is outside the folders the trigger form may read"):
+            config_from_params({"profile": "demo", param: value})
