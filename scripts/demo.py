@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,40 @@ TINY = Demo("demo", "demo", ["tiny-model", "--profile", "demo"], [
 REAL = Demo("smollm2-pubmedqa-en", "demo-real", ["base-model", "smollm2"], [
     ("first run: challenger vs the pretrained base model (SmolLM2-135M-Instruct)", {}),
     ("second run, triggered with learning_rate=0.0003: challenger vs champion", {"learning_rate": 3e-4})])
+
+
+class TaskLogFiles(logging.Handler):
+    """Each task's log lines in the file Airflow's UI reads them from. `dag.test()` runs the tasks in
+    this process and writes no task log files; this handler starts a task's file when dag.test
+    announces the task ("[DAG TEST] running task <TaskInstance: dag.task run [state]>"), writes
+    every record until it ends, as the JSON lines Airflow's task logs are made of."""
+
+    STARTS = re.compile(r"\[DAG TEST\] running task <TaskInstance: (?P<dag>[^.\s]+)\.(?P<task>\S+) (?P<run>\S+) \[")
+
+    def __init__(self, logs: Path) -> None:
+        super().__init__(logging.INFO)
+        self.logs = logs
+        self.file: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if started := self.STARTS.search(message):
+            self.close_task()
+            folder = self.logs / f"dag_id={started['dag']}" / f"run_id={started['run']}" / f"task_id={started['task']}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = (folder / "attempt=1.log").open("a", encoding="utf-8")
+        if self.file is not None:
+            when = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
+            self.file.write(json.dumps({"timestamp": when, "level": record.levelname.lower(), "event": message,
+                                        "logger": record.name}, ensure_ascii=False) + "\n")
+            self.file.flush()
+        if message.startswith("[DAG TEST] end task"):
+            self.close_task()
+
+    def close_task(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def stage(msg: str) -> None:
@@ -103,6 +140,7 @@ def main() -> int:
         print(f"DAG import errors: {bag.import_errors}", file=sys.stderr)
         return 1
     dag = bag.get_dag("retrain_lora")
+    logging.getLogger().addHandler(TaskLogFiles(state / "airflow" / "logs"))  # task logs for make airflow-ui
     results = []
     for title, form in demo.runs:
         conf = {"profile": demo.profile, **form}

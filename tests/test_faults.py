@@ -100,7 +100,8 @@ def _killed_in(step: str, owner: str, name: str, run_dir: Path, run_key: str, mo
 @pytest.fixture(scope="module")
 def evaluated(module_tracking: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(config, run folder) of one trained and evaluated run, frozen as the killed processes read it."""
-    cfg = load_config("e2e", {"output_dir": str(tmp_path_factory.mktemp("faults")), "train.max_steps": 30})
+    cfg = load_config("e2e", {"output_dir": str(tmp_path_factory.mktemp("faults")), "train.max_steps": 30,
+                              "registry.model_name": "faults-evaluated"})  # no champion: promote over the base
     paths = pipeline.run_paths(cfg, "evaluated")
     cfg = pipeline.freeze(cfg, paths)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
