@@ -140,9 +140,11 @@ class HostCollator:
 
 
 class SpeedMeter(TrainerCallback):  # type: ignore[misc]
-    """Logs step, loss, tokens/s and GPU memory each logging step; keeps timings for the result.
+    """Logs step, loss, tokens/s and GPU memory; keeps timings for the result.
 
-    Evaluation and checkpoint saving are paused out: the speed is the training loop's.
+    A line for each of the first steps, every evaluation, the last step and about every 5 % of
+    the run between (every step's numbers are in the trainer's log history). Evaluation and
+    checkpoint saving are paused out: the speed is the training loop's.
     """
 
     def __init__(self, counter: HostCollator) -> None:
@@ -170,7 +172,11 @@ class SpeedMeter(TrainerCallback):  # type: ignore[misc]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         logs = logs or {}
-        parts = [f"step {state.global_step}/{state.max_steps}"]
+        step, every = state.global_step, max(1, state.max_steps // 20)
+        if not ("eval_loss" in logs or step <= WARMUP_STEPS_UNTIMED + 1 or step % every == 0
+                or step >= state.max_steps):
+            return
+        parts = [f"step {step}/{state.max_steps}"]
         parts += [f"{key}={logs[key]:.4g}" for key in ("loss", "eval_loss", "learning_rate", "grad_norm")
                   if key in logs]
         speed, gib = self.tokens_per_s(), peak_gpu_gib()

@@ -14,6 +14,7 @@ The demo's state (state/demo, state/demo-real) starts clean each time unless --k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ class TaskLogFiles(logging.Handler):
         message = record.getMessage()
         if started := self.STARTS.search(message):
             self.close_task()
+            print(f"  task {started['task']}", file=sys.__stdout__, flush=True)  # the console: a line a task
             folder = self.logs / f"dag_id={started['dag']}" / f"run_id={started['run']}" / f"task_id={started['task']}"
             folder.mkdir(parents=True, exist_ok=True)
             self.file = (folder / "attempt=1.log").open("a", encoding="utf-8")
@@ -135,21 +137,32 @@ def main() -> int:
     from ml.config import config_from_params
     from ml.runs import run_paths
 
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    # Airflow's own log lines (and the tasks', relayed training lines included) go to a file; the
+    # console shows the stages, one line a task, and the summary.
+    demo_log = state / "demo.log"
+    airflow_output = demo_log.open("a", encoding="utf-8")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            handler.setStream(airflow_output)
+    logging.getLogger().addHandler(TaskLogFiles(state / "airflow" / "logs"))  # task logs for make airflow-ui
+    print(f"(Airflow's own log: {demo_log.relative_to(ROOT)})")
+    with contextlib.redirect_stdout(airflow_output), contextlib.redirect_stderr(airflow_output):
+        bag = DagBag(dag_folder=str(ROOT / "dags"))
     if bag.import_errors:
         print(f"DAG import errors: {bag.import_errors}", file=sys.stderr)
         return 1
     dag = bag.get_dag("retrain_lora")
-    logging.getLogger().addHandler(TaskLogFiles(state / "airflow" / "logs"))  # task logs for make airflow-ui
     results = []
     for title, form in demo.runs:
         conf = {"profile": demo.profile, **form}
         stage(title)
         t0 = time.perf_counter()
-        dag_run = dag.test(run_conf=conf)
+        with contextlib.redirect_stdout(airflow_output), contextlib.redirect_stderr(airflow_output):
+            dag_run = dag.test(run_conf=conf)
         timings[f"DAG run {len(results) + 1}"] = time.perf_counter() - t0
         if dag_run.state != "success":
-            print(f"DAG run {dag_run.run_id} ended {dag_run.state}; see the task logs above", file=sys.stderr)
+            print(f"DAG run {dag_run.run_id} ended {dag_run.state}; see {demo_log.relative_to(ROOT)} and the task "
+                  "logs (make airflow-ui)", file=sys.stderr)
             return 1
         timings.update({f"  run {len(results) + 1} task {ti.task_id}": ti.duration or 0.0
                         for ti in sorted(dag_run.get_task_instances(), key=lambda ti: ti.start_date or 0)
