@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from ml.data import read_split
 from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
 from ml.plots import loss_curve
 from ml.promotion import Decision
@@ -221,6 +224,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
                            for k, v in cfg.flat().items()})
         _log_curve(client, run_id, history)
         mlflow.log_metrics(metrics)
+        datasets = _log_datasets(cfg, run_dir, tags["data_fingerprint"])
         mlflow.log_dict(asdict(decision), "reports/decision.json")
         with tempfile.TemporaryDirectory() as tmp:
             png = loss_curve(history, Path(tmp) / "loss_curve.png", title=f"{cfg.profile}: {run_key}",
@@ -249,6 +253,9 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
             model_config=model_config,
             code_paths=[str(Path(__file__).parent)], signature=signature(),
             pip_requirements=_pip_requirements())
+        # The model carries its test scores, measured on the test split it names (its page in MLflow).
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))},
+                           model_id=info.model_id, dataset=datasets.get("test"))
         # Registration comes last: a run that failed above leaves no version behind.
         mv = mlflow.register_model(info.model_uri, reg.model_name,
                                    tags={k: v for k, v in all_tags.items() if not k.startswith("mlflow.")})
@@ -270,6 +277,29 @@ def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str) -> 
         client.set_terminated(run.info.run_id, "KILLED")
 
 
+SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
+
+
+def _log_datasets(cfg: PipelineConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """The run's data as MLflow dataset inputs (the Datasets panel): each split file from the configured
+    source under the snapshot's fingerprint, in its context (training, validation, test)."""
+    d = cfg.data
+    source: Any = d.uri if d.is_local else HuggingFaceDatasetSource(path=d.source, split=d.split,
+                                                                     revision=d.revision)
+    name = Path(d.source).stem if d.is_local else d.source
+    logged = {}
+    for split, context in SPLIT_CONTEXTS.items():
+        rows = read_split(run_dir / "splits", split)
+        if not rows:
+            continue
+        frame = pd.DataFrame([{"key": ex.key, "QUESTION": ex.question, "CONTEXTS": list(ex.contexts),
+                               "LONG_ANSWER": ex.answer, "final_decision": ex.decision} for ex in rows])
+        logged[split] = mlflow.data.from_pandas(frame, source=source, name=f"{name} ({split})",
+                                                digest=fingerprint[:16])
+        mlflow.log_input(logged[split], context=context)
+    return logged
+
+
 def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snapshot: dict[str, Any]) -> str:
     """A run that records why a retrain stopped at the gate: tags, the reports, status FAILED.
 
@@ -286,9 +316,15 @@ def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snap
     return str(run.info.run_id)
 
 
+# What loading and running the registered model imports (ml/serving.py and the ml modules it uses);
+# bitsandbytes loads the base in 4-bit on CUDA.
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors",
+                    "tokenizers", "huggingface-hub", "datasets", "pydantic", "pyyaml", "pandas", "numpy")
+
+
 def _pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("mlflow", "torch", "transformers", "peft", "accelerate", "pydantic", "pandas"):
+    for pkg in SERVING_PACKAGES:
         try:
             reqs.append(f"{pkg}=={metadata.version(pkg)}".replace("+cpu", ""))
         except metadata.PackageNotFoundError:

@@ -100,7 +100,7 @@ def inbox() -> Iterator[Inbox]:
 
 
 def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Path, client: Any,
-                                                inbox: Inbox) -> None:
+                                                inbox: Inbox, tmp_path: Path) -> None:
     dag_run = _run(retrain_dag)
     assert dag_run.state == "success"
     versions = _versions(client)
@@ -126,6 +126,29 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/loss_curve.png", "reports/sample_generations.json", "reports/evaluation.json",
             "reports/validation.json", "reports/decision.json"} <= artifacts
+    # lineage: each split as a dataset input of the run, under the snapshot's fingerprint, from the source
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    fingerprint = run.data.tags["data_fingerprint"]
+    for context, split in (("training", "train"), ("validation", "validation"), ("test", "test")):
+        dataset = inputs[context]
+        assert dataset.digest == fingerprint[:16] and dataset.name == f"pubmedqa_ko_sample ({split})"
+        assert json.loads(dataset.source)["uri"].endswith("data/sample/pubmedqa_ko_sample.jsonl")
+        columns = {c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
+        assert {"QUESTION", "CONTEXTS", "LONG_ANSWER"} <= columns
+    rows = {c: json.loads(inputs[c].profile)["num_rows"] for c in inputs}
+    assert sum(rows.values()) == 80 and rows["test"] == int(run.data.metrics["test_rows_compared"])
+    # the logged model carries its test scores, on the test split
+    (model,) = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    scores = {m.key: m for m in model.metrics}
+    assert scores["test_loss"].value == pytest.approx(run.data.metrics["test_loss"])
+    assert scores["test_loss"].dataset_digest == fingerprint[:16] and "baseline_test_loss" in scores
+    import mlflow
+
+    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1/requirements.txt",
+                                                            dst_path=str(tmp_path))).read_text()
+    assert {"bitsandbytes", "peft", "transformers", "torch", "datasets"} <= {
+        line.split("==")[0] for line in requirements.splitlines()}
 
 
 def test_a_retried_register_task_does_not_register_twice(retrain_dag: Any, client: Any) -> None:
