@@ -179,8 +179,11 @@ def retrain_lora() -> None:
         from ml import pipeline
 
         cfg, paths, run_key = _run()
-        run_id = str(get_current_context()["run_id"])
-        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID, "airflow.run_id": run_id})
+        ctx = get_current_context()
+        run_id, run_url = str(ctx["run_id"]), ctx["ti"].log_url.split("/tasks/")[0]  # Airflow's [api] base_url
+        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID, "airflow.run_id": run_id},
+                                 links={"Airflow run": run_url, "train task log": f"{run_url}/tasks/train",
+                                        "evaluate task log": f"{run_url}/tasks/evaluate"})
 
     @task.branch
     def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:

@@ -225,8 +225,28 @@ def decide_from(cfg: PipelineConfig, challenger: Any, baseline: Any, baseline_na
                   resamples=r.bootstrap_resamples, seed=r.bootstrap_seed, min_rows=r.min_rows, exclude=exclude)
 
 
-def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
-             tags: dict[str, str] | None = None) -> dict[str, str]:
+def review_card(cfg: PipelineConfig, paths: RunPaths, decision: dict[str, Any]) -> str:
+    """The version's review card (ml/review_card.py) from the run folder and the champion's run."""
+    from ml.registry import run_params
+    from ml.review_card import config_changes, render, row_changes
+    from ml.runs import read_champion
+
+    _, champ = read_champion(paths.champion)
+    ev = read_json(paths.reports / "evaluation.json")
+    if champ is None or ev["champion_version"] != champ.version:
+        champ = None  # the card compares with the champion that was scored
+    params = run_params(cfg.registry, champ.run_id) if champ and champ.run_id else None
+    links = read_json(paths.reports / "links.json") if (paths.reports / "links.json").exists() else {}
+    return render(decision, ev, read_json(paths.data / "snapshot.json"), read_json(paths.train / "train_result.json"),
+                  config_changes(cfg.flat(), params),
+                  row_changes(read_json(paths.reports / "train_rows.json"), champ.trained_rows if champ else None),
+                  links)
+
+
+def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str, str] | None = None,
+             links: dict[str, str] | None = None) -> dict[str, str]:
+    """Log the run to MLflow and register its adapter as a version described by its review card;
+    `links`: where the run can be seen (the Airflow run, its task logs), shown on the card."""
     from ml.promotion import Decision
     from ml.registry import log_and_register
 
@@ -253,8 +273,10 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str,
         metrics["test_decision_majority_share"] = ev["decision_majority_share"]
     all_tags = {"data_fingerprint": snap["fingerprint"], "data_source": snap["source"],
                 "config_sha256": config_hash(cfg), **ev["identity"], **(tags or {})}
-    reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics,
-                           decision=decision, samples=ev["samples"])
+    if links is not None:
+        write_json(paths.reports / "links.json", links)
+    reg = log_and_register(cfg, run_key, paths.root, tags=all_tags, metrics=metrics, decision=decision,
+                           samples=ev["samples"], card=review_card(cfg, paths, ev["decision"]))
     write_json(paths.reports / "registered.json", asdict(reg))
     return asdict(reg)
 
@@ -287,7 +309,14 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
     If the champion moved meanwhile: moved by another pipeline run, the challenger is scored again
     against the new champion and decided anew; moved by a person (a manual promotion or rollback),
     the decision becomes needs_review."""
-    from ml.registry import champion_set_by, champion_version, check_adapter, promote_version, registry_lock
+    from ml.registry import (
+        champion_set_by,
+        champion_version,
+        check_adapter,
+        describe_version,
+        promote_version,
+        registry_lock,
+    )
 
     registered, decision, ev = _decided(paths)
     if not decision.promote:
@@ -314,6 +343,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             if not decision.promote:
                 return keep(cfg, paths)
         promote_version(cfg.registry, registered, decision, now, key)  # re-checked there: still `now`
+    describe_version(cfg.registry, registered.version, review_card(cfg, paths, asdict(decision)))
     return {"version": registered.version, "promoted": True, "outcome": "promote", "reason": decision.reason}
 
 
@@ -328,10 +358,11 @@ def final_decision(paths: RunPaths) -> dict[str, Any]:
 
 def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Keep the champion: tag this run's version rejected (or needs_review), with the reason."""
-    from ml.registry import reject_version
+    from ml.registry import describe_version, reject_version
 
     registered, decision, _ = _decided(paths)
     reject_version(cfg.registry, registered, decision)
+    describe_version(cfg.registry, registered.version, review_card(cfg, paths, asdict(decision)))
     return {"version": registered.version, "promoted": False, "outcome": decision.outcome, "reason": decision.reason}
 
 

@@ -41,6 +41,7 @@ from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
+from ml.review_card import param_value
 from ml.runs import Champion
 from ml.signature import signature
 
@@ -189,10 +190,24 @@ def _log_curve(client: MlflowClient, run_id: str, history: list[dict[str, Any]])
         client.log_batch(run_id, metrics=metrics[i:i + 900])
 
 
+def run_params(reg: RegistryConfig, run_id: str) -> dict[str, str] | None:
+    """The params an MLflow run logged (a champion's settings), or None if the run is gone."""
+    try:
+        return dict(connect(reg).get_run(run_id).data.params)
+    except MlflowException:
+        return None
+
+
+def describe_version(reg: RegistryConfig, version: str, card: str) -> None:
+    """The version's description in MLflow: its review card (ml/review_card.py)."""
+    connect(reg).update_model_version(reg.model_name, version, description=card)
+
+
 def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: dict[str, str],
-                     metrics: dict[str, float], decision: Decision, samples: list[dict[str, str]]) -> Registered:
-    """Log one MLflow run with everything the run produced and register its adapter as a new version.
-    `tags` must carry the evaluated adapter's hash (ADAPTER_TAG)."""
+                     metrics: dict[str, float], decision: Decision, samples: list[dict[str, str]],
+                     card: str = "") -> Registered:
+    """Log one MLflow run with everything the run produced and register its adapter as a new version,
+    described by its review `card`. `tags` must carry the evaluated adapter's hash (ADAPTER_TAG)."""
     reg = cfg.registry
     existing = find_registered(reg, run_key, tags[ADAPTER_TAG])
     if existing:
@@ -206,6 +221,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
                         status)
             client.set_terminated(existing.run_id, "FINISHED")
         _decision_tags(client, reg, existing.version, decision)
+        describe_version(reg, existing.version, card)
         return existing
     experiment_id = ensure_experiment(reg)
     client = MlflowClient()
@@ -220,8 +236,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         all_tags["mlflow.source.git.commit"] = commit
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_key, tags=all_tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                           for k, v in cfg.flat().items()})
+        mlflow.log_params({k: param_value(v) for k, v in cfg.flat().items()})
         _log_curve(client, run_id, history)
         mlflow.log_metrics(metrics)
         datasets = _log_datasets(cfg, run_dir, tags["data_fingerprint"])
@@ -260,6 +275,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         mv = mlflow.register_model(info.model_uri, reg.model_name,
                                    tags={k: v for k, v in all_tags.items() if not k.startswith("mlflow.")})
     _decision_tags(client, reg, str(mv.version), decision)
+    describe_version(reg, str(mv.version), card)
     log.info("logged run %s and registered %s version %s", run_id, reg.model_name, mv.version)
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
 

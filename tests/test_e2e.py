@@ -106,6 +106,10 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     versions = _versions(client)
     assert list(versions) == ["1"]
     v1 = versions["1"]
+    # the version's description is its review card: the decision, the scores, the links to the Airflow run
+    card = client.get_model_version(MODEL, "1").description
+    assert card.startswith("### PROMOTED to @champion") and f"| {float(v1.tags['challenger_loss']):.4f} |" in card
+    assert "/dags/retrain_lora/runs/" in card and "/tasks/train)" in card and "**Answers** to 3 test questions" in card
     # people were told, by e-mail (to both recipients) and on the webhook: the decision, both losses, the link
     (mail,), (post,) = inbox.since(0, 0)
     assert inbox.mails[0]["To"] == "ml-team@example.test, oncall@example.test"
@@ -171,6 +175,9 @@ def test_better_challenger_takes_the_alias_and_keeps_the_previous(retrain_dag: A
     assert float(v2.tags["challenger_loss"]) < float(v2.tags["baseline_loss"])
     assert v2.tags["decision"] == "promoted"
     assert _alias(client, "champion") == "2" and _alias(client, "previous_champion") == "1"
+    card = client.get_model_version(MODEL, "2").description
+    assert "`train.max_steps` 30 → 90" in card and "0 training rows added, 0 removed" in card
+    assert "| question | challenger | champion v1 |" in card
     # The champion scored in run 2 is the model version 1 scored in run 1: same data, same loss.
     assert float(v2.tags["baseline_loss"]) == pytest.approx(float(_versions(client)["1"].tags["challenger_loss"]))
 
@@ -190,6 +197,7 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert client.get_run(v3.run_id).data.tags["decision"] == "rejected"
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
+    assert client.get_model_version(MODEL, "3").description.startswith("### Kept out: the champion stays")
 
 
 def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, client: Any, inbox: Inbox) -> None:
