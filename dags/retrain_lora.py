@@ -43,6 +43,7 @@ from airflow.sdk import (
     task,
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from mlflow_links import RUN_URL_KEY, VERSION_URL_KEY, run_url, version_url  # plugins/: links to MLflow
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 
 # Only the light config module at parse time; each task imports the ML stack it runs.
@@ -180,10 +181,15 @@ def retrain_lora() -> None:
 
         cfg, paths, run_key = _run()
         ctx = get_current_context()
-        run_id, run_url = str(ctx["run_id"]), ctx["ti"].log_url.split("/tasks/")[0]  # Airflow's [api] base_url
-        return pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID, "airflow.run_id": run_id},
-                                 links={"Airflow run": run_url, "train task log": f"{run_url}/tasks/train",
-                                        "evaluate task log": f"{run_url}/tasks/evaluate"})
+        run_id, airflow_run = str(ctx["run_id"]), ctx["ti"].log_url.split("/tasks/")[0]  # with [api] base_url
+        links = {"Airflow run": airflow_run, "train task log": f"{airflow_run}/tasks/train",
+                 "evaluate task log": f"{airflow_run}/tasks/evaluate"}
+        registered = pipeline.register(cfg, paths, run_key, tags={"airflow.dag_id": DAG_ID, "airflow.run_id": run_id},
+                                       links=links)
+        # the task's "MLflow run" and "MLflow model version" buttons (plugins/mlflow_links.py)
+        ctx["ti"].xcom_push(key=RUN_URL_KEY, value=run_url(registered["run_id"]))
+        ctx["ti"].xcom_push(key=VERSION_URL_KEY, value=version_url(cfg.registry.model_name, registered["version"]))
+        return registered
 
     @task.branch
     def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:

@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ import mlflow.data
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -300,8 +302,12 @@ def _log_datasets(cfg: PipelineConfig, run_dir: Path, fingerprint: str) -> dict[
     """The run's data as MLflow dataset inputs (the Datasets panel): each split file from the configured
     source under the snapshot's fingerprint, in its context (training, validation, test)."""
     d = cfg.data
-    source: Any = d.uri if d.is_local else HuggingFaceDatasetSource(path=d.source, split=d.split,
-                                                                     revision=d.revision)
+    if d.is_local:
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice and warns
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source: Any = resolve_dataset_source(d.uri)
+    else:
+        source = HuggingFaceDatasetSource(path=d.source, split=d.split, revision=d.revision)
     name = Path(d.source).stem if d.is_local else d.source
     logged = {}
     for split, context in SPLIT_CONTEXTS.items():

@@ -1,7 +1,13 @@
-"""Airflow UI plugin: a navigation link to the MLflow registry where versions are reviewed.
+"""Airflow UI plugin: links from Airflow to MLflow.
 
-The URL is the one people open in a browser (MLFLOW_UI_URL), which may differ
-from the tracking URI the workers use inside a network.
+- Navigation links to the MLflow registry and experiments.
+- Extra links on a task ("MLflow run", "MLflow model version"): the register task pushes the URLs
+  of the run and the version it wrote as XComs (`mlflow_run_url`, `mlflow_version_url`), and the
+  buttons open them; on other tasks they stay empty. (The other way, each version's review card
+  links to the Airflow run and its task logs.)
+
+The URL is the one people open in a browser (MLFLOW_UI_URL), which may differ from the tracking
+URI the workers use inside a network.
 """
 
 from __future__ import annotations
@@ -10,7 +16,20 @@ import os
 
 from airflow.plugins_manager import AirflowPlugin
 
+# Airflow's own link that reads a task's XCom (what a deserialised operator's links are); the API
+# server evaluates global links, with the metadata database at hand.
+from airflow.serialization.definitions.operatorlink import XComOperatorLink
+
 MLFLOW_UI_URL = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+RUN_URL_KEY, VERSION_URL_KEY = "mlflow_run_url", "mlflow_version_url"
+
+
+def run_url(run_id: str) -> str:
+    return f"{MLFLOW_UI_URL}/#/runs/{run_id}"  # MLflow's UI finds the experiment itself
+
+
+def version_url(model_name: str, version: str) -> str:
+    return f"{MLFLOW_UI_URL}/#/models/{model_name}/versions/{version}"
 
 
 class MlflowLinksPlugin(AirflowPlugin):
@@ -21,3 +40,5 @@ class MlflowLinksPlugin(AirflowPlugin):
         {"name": "MLflow experiments", "href": f"{MLFLOW_UI_URL}/#/experiments", "destination": "nav",
          "category": "browse"},
     ]
+    global_operator_extra_links = [XComOperatorLink(name="MLflow run", xcom_key=RUN_URL_KEY),
+                                   XComOperatorLink(name="MLflow model version", xcom_key=VERSION_URL_KEY)]

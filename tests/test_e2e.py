@@ -110,6 +110,17 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     card = client.get_model_version(MODEL, "1").description
     assert card.startswith("### PROMOTED to @champion") and f"| {float(v1.tags['challenger_loss']):.4f} |" in card
     assert "/dags/retrain_lora/runs/" in card and "/tasks/train)" in card and "**Answers** to 3 test questions" in card
+    # the register task's buttons in Airflow open the MLflow run and the version (plugins/mlflow_links.py)
+    from airflow import plugins_manager
+
+    links = {link.name: link for link in plugins_manager.get_global_operator_extra_links()}
+    register = dag_run.get_task_instance("register")
+    assert links["MLflow run"].get_link(retrain_dag.get_task("register"), ti_key=register.key).endswith(
+        f"/#/runs/{v1.run_id}")
+    assert links["MLflow model version"].get_link(retrain_dag.get_task("register"), ti_key=register.key).endswith(
+        f"/#/models/{MODEL}/versions/1")
+    assert links["MLflow run"].get_link(retrain_dag.get_task("train"), ti_key=dag_run.get_task_instance("train").key) \
+        == ""
     # people were told, by e-mail (to both recipients) and on the webhook: the decision, both losses, the link
     (mail,), (post,) = inbox.since(0, 0)
     assert inbox.mails[0]["To"] == "ml-team@example.test, oncall@example.test"
