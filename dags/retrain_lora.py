@@ -165,8 +165,10 @@ def retrain_lora() -> None:
     def train(splits: dict[str, int]) -> dict[str, Any]:
         from ml import pipeline
 
-        cfg, paths, _ = _run()
-        return pipeline.train(cfg, paths)
+        cfg, paths, run_key = _run()
+        ti = get_current_context()["ti"]  # its "MLflow run" button opens the run while it trains
+        return pipeline.train(cfg, paths, run_key, opened=lambda run_id: ti.xcom_push(key=RUN_URL_KEY,
+                                                                                      value=run_url(run_id)))
 
     @task(queue=DEFAULT.train.queue, execution_timeout=MODEL_WORK)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:

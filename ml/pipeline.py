@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -48,7 +49,7 @@ def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -
     report.write(paths.reports / "validation.json")
     if not report.success:
         if run_key:
-            from ml.registry import log_failed_validation
+            from ml.tracking import log_failed_validation
 
             log_failed_validation(cfg, run_key, paths.root, read_json(paths.data / "snapshot.json"))
         raise GateFailed(report.summary())
@@ -63,18 +64,26 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
     return counts
 
 
-def train(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
+          opened: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train in a child process (`train.isolate`, the default) or in this one. The champion is
     fetched first, so that the trainer can score the challenger against it while its model is
-    still loaded (`eval.score_while_loaded`)."""
+    still loaded (`eval.score_while_loaded`). The attempt is an MLflow run while it trains
+    (`tracking.TrainingRun`: its metrics live, system metrics, FAILED with the log's tail if it
+    fails; `opened` is told its id at once); register continues it."""
+    from ml.tracking import TrainingRun
+
     paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
     if cfg.eval.score_while_loaded:
         fetch_champion(cfg, paths)
-    if not cfg.train.isolate:
-        from ml.backend import train_here
+    with TrainingRun(cfg, run_key or paths.root.name, paths.train) as run:
+        if opened:
+            opened(run.run_id)
+        if not cfg.train.isolate:
+            from ml.backend import train_here
 
-        return asdict(train_here(cfg, paths.splits, paths.train, score_in=paths))
-    return _train_in_child(cfg, paths)
+            return asdict(train_here(cfg, paths.splits, paths.train, score_in=paths))
+        return _train_in_child(cfg, paths)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -389,7 +398,7 @@ def preflight(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None, 
     """Before any GPU time: the registry must answer and take this run's writes (else
     RegistryUnavailable, naming the tracking URI); then, unless `force`, why this run would
     repeat the champion's training (`unchanged`), or None."""
-    from ml.registry import check_writable
+    from ml.tracking import check_writable
 
     check_writable(cfg.registry)
     return None if force else unchanged(cfg, paths, run_key)
@@ -398,7 +407,8 @@ def preflight(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None, 
 def unchanged(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> str | None:
     """Why training would repeat the champion's (same data fingerprint, same effective config), or
     None. With a run key, a skip is noted in MLflow as a finished run that says so."""
-    from ml.registry import champion_tags, log_skipped
+    from ml.registry import champion_tags
+    from ml.tracking import log_skipped
 
     snap, config = read_json(paths.data / "snapshot.json"), config_hash(cfg)
     tags = champion_tags(cfg.registry)
@@ -433,7 +443,7 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped, "seconds": seconds}
     timed("validate", validate)
     timed("prepare", prepare)
-    timed("train", train)
+    timed("train", train, run_key)
     promoted = timed("evaluate", evaluate)["promote"]
     timed("register", register, run_key)
     result = timed("promote", promote, run_key) if promoted else timed("keep", keep)

@@ -1,4 +1,5 @@
-"""MLflow: one run per pipeline run, one registered version per trained adapter, aliases for promotion.
+"""The MLflow registry: one registered version per trained adapter, aliases for promotion, and the
+run that holds the version's evidence (runs themselves: ml/tracking.py).
 
 Order matters for "nothing half-written": the run gets params, metrics and
 artifacts first, the model version is registered last, and only the promote
@@ -15,11 +16,7 @@ import getpass
 import hashlib
 import json
 import logging
-import math
-import os
-import subprocess
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,25 +29,32 @@ import mlflow.data
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
-from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from ml.config import PipelineConfig, RegistryConfig, resolve_path
 from ml.data import read_split
-from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
+from ml.errors import ConfigError, RegistryConflict
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
 from ml.review_card import param_value
-from ml.runs import Champion
+from ml.runs import TRAIN_METRICS, Champion
 from ml.signature import signature
+from ml.tracking import (
+    ADAPTER_TAG,
+    RUN_KEY_TAG,
+    connect,
+    curve_metrics,
+    ensure_experiment,
+    git_commit,
+    log_batches,
+    log_datasets,
+    training_run,
+)
 
 log = logging.getLogger(__name__)
 
-RUN_KEY_TAG = "pipeline.run_key"
-ADAPTER_TAG = "adapter_sha256"
 SET_BY_TAG = "champion_set_by"  # on the registered model: "pipeline <run key>" or "manual <user>"
 
 
@@ -59,42 +63,6 @@ class Registered:
     run_id: str
     version: str
     model_uri: str
-
-
-def connect(reg: RegistryConfig) -> MlflowClient:
-    if reg.tracking_uri:
-        mlflow.set_tracking_uri(reg.tracking_uri)
-    # MLflow's own defaults wait 120 s per request and retry 7 times with backoff: minutes per call
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(reg.request_timeout_s)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.request_retries)
-    return MlflowClient()
-
-
-def check_writable(reg: RegistryConfig) -> None:
-    """Before any training: the tracking server answers and takes this user's writes (the run's
-    experiment exists or is created, and gets a tag). Fails naming the tracking URI."""
-    uri = mlflow.get_tracking_uri() if not reg.tracking_uri else reg.tracking_uri
-    try:
-        client = connect(reg)
-        experiment_id = ensure_experiment(reg)
-        client.set_experiment_tag(experiment_id, "pipeline.last_check", datetime.now(UTC).isoformat(timespec="seconds"))
-    except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RegistryUnavailable(
-            f"MLflow at {uri} cannot be used by this run (nothing was trained): {first[:300]}. "
-            "Check MLFLOW_TRACKING_URI, the server, and MLFLOW_TRACKING_USERNAME/PASSWORD") from exc
-
-
-def ensure_experiment(reg: RegistryConfig) -> str:
-    client = connect(reg)
-    exp = client.get_experiment_by_name(reg.experiment)
-    if exp is not None:
-        return str(exp.experiment_id)
-    location = None
-    if reg.artifact_location and not mlflow.get_tracking_uri().startswith(("http://", "https://")):
-        # Local stores need an explicit home for artifacts; a server proxies its own.
-        location = resolve_path(reg.artifact_location).as_uri()
-    return str(client.create_experiment(reg.experiment, artifact_location=location))
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -117,16 +85,6 @@ def champion_tags(reg: RegistryConfig) -> dict[str, str] | None:
     """The champion version's tags and its number (`version`), or None when there is no champion."""
     mv = _alias_version(connect(reg), reg.model_name, reg.champion_alias)
     return {**mv.tags, "version": str(mv.version)} if mv is not None else None
-
-
-def log_skipped(cfg: PipelineConfig, run_key: str, reason: str, snapshot: dict[str, Any]) -> str:
-    """A finished run that says why this retrain did not train: nothing changed since the champion."""
-    experiment_id = ensure_experiment(cfg.registry)
-    tags = {RUN_KEY_TAG: run_key, "pipeline.stage": "skipped", "decision": "skipped", "decision_reason": reason,
-            "data_fingerprint": snapshot["fingerprint"], "profile": cfg.profile, "mlflow.note.content": reason}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (skipped)", tags=tags) as run:
-        mlflow.log_metric("dataset_rows", snapshot["rows"])
-    return str(run.info.run_id)
 
 
 def champion(reg: RegistryConfig, dst: Path) -> Champion | None:
@@ -152,15 +110,6 @@ def champion(reg: RegistryConfig, dst: Path) -> Champion | None:
                     model_config.get("prompt_format"), trained_rows)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-                             text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def find_registered(reg: RegistryConfig, run_key: str, adapter: str) -> Registered | None:
     """The version an earlier attempt of this pipeline run registered for this very adapter, if any
     (another attempt's adapter under the same key is another version)."""
@@ -178,18 +127,6 @@ def find_registered(reg: RegistryConfig, run_key: str, adapter: str) -> Register
             if v.tags.get(ADAPTER_TAG) == adapter:
                 return Registered(run.info.run_id, str(v.version), f"models:/{reg.model_name}/{v.version}")
     return None
-
-
-def _log_curve(client: MlflowClient, run_id: str, history: list[dict[str, Any]]) -> None:
-    metrics = []
-    for row in history:
-        step = int(row.get("step", 0))
-        for src, dst in (("loss", "train_loss"), ("eval_loss", "val_loss"),
-                         ("learning_rate", "learning_rate"), ("grad_norm", "grad_norm")):
-            if src in row:
-                metrics.append(Metric(dst, float(row[src]), 0, step))
-    for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=metrics[i:i + 900])
 
 
 def run_params(reg: RegistryConfig, run_id: str) -> dict[str, str] | None:
@@ -227,7 +164,9 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         return existing
     experiment_id = ensure_experiment(reg)
     client = MlflowClient()
-    _close_abandoned(client, experiment_id, run_key)
+    # the run that trained this adapter holds its curve and system metrics already: continued
+    training = training_run(client, experiment_id, run_key, tags[ADAPTER_TAG])
+    _close_abandoned(client, experiment_id, run_key, keep=training)
     history = json.loads((run_dir / "train" / "log_history.json").read_text())
     adapter_dir = run_dir / "train" / "adapter"
 
@@ -236,12 +175,19 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_key, tags=all_tags) as run:
+    # tagged from its first write, so that a retry finds what a killed attempt left (_close_abandoned)
+    opened = (mlflow.start_run(run_id=training, log_system_metrics=False, tags=all_tags) if training else
+              mlflow.start_run(experiment_id=experiment_id, run_name=run_key, tags=all_tags))
+    with opened as run:
         run_id = run.info.run_id
-        mlflow.log_params({k: param_value(v) for k, v in cfg.flat().items()})
-        _log_curve(client, run_id, history)
+        if training is None:  # trained without a supervising run: its params and curve from here
+            mlflow.log_params({k: param_value(v) for k, v in cfg.flat().items()})
+            metrics_file = run_dir / "train" / TRAIN_METRICS
+            records = ([json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()]
+                       if metrics_file.exists() else history)
+            log_batches(client, run_id, curve_metrics(records))
         mlflow.log_metrics(metrics)
-        datasets = _log_datasets(cfg, run_dir, tags["data_fingerprint"])
+        datasets = log_datasets(cfg, run_dir, tags["data_fingerprint"])
         mlflow.log_dict(asdict(decision), "reports/decision.json")
         with tempfile.TemporaryDirectory() as tmp:
             png = loss_curve(history, Path(tmp) / "loss_curve.png", title=f"{cfg.profile}: {run_key}",
@@ -265,11 +211,11 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         model_config = {"base_model": cfg.model.base_model, "revision": cfg.model.revision,
                         "load_in_4bit": cfg.model.load_in_4bit, "dtype": cfg.model.dtype,
                         "prompt_format": PromptFormat.from_config(cfg).to_dict()}
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,
-            model_config=model_config,
-            code_paths=[str(Path(__file__).parent)], signature=signature(),
-            pip_requirements=_pip_requirements())
+        info = Model.log(
+            artifact_path=None, name="model", flavor=_Pyfunc, flavor_name="pyfunc.ModelFromCode",
+            validate_serving_input=False, python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,
+            model_config=model_config, code_paths=[str(Path(__file__).parent)], signature=signature(),
+            input_example=_input_example(run_dir), pip_requirements=_pip_requirements())
         # The model carries its test scores, measured on the test split it names (its page in MLflow).
         mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))},
                            model_id=info.model_id, dataset=datasets.get("test"))
@@ -282,12 +228,13 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
 
 
-def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str) -> None:
+def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str, keep: str | None = None) -> None:
     """Runs of this run key left RUNNING by an attempt that stopped before it registered a version
-    (killed, or the server went away): marked KILLED, so that only the retry's run looks alive."""
+    (killed, or the server went away): marked KILLED, so that only the retry's run looks alive
+    (`keep`: the training run the retry continues)."""
     for run in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}' and "
                                                    "attributes.status = 'RUNNING'"):
-        if client.search_model_versions(f"run_id='{run.info.run_id}'"):
+        if run.info.run_id == keep or client.search_model_versions(f"run_id='{run.info.run_id}'"):
             continue  # it registered a version (of another adapter): not abandoned
         log.warning("closing run %s of %s, left RUNNING by an attempt that stopped before registering",
                     run.info.run_id, run_key)
@@ -295,47 +242,23 @@ def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str) -> 
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
+class _Pyfunc:
+    """`mlflow.pyfunc` as the flavor of `Model.log`, told not to check the input example by loading
+    the model and predicting at logging time (which `mlflow.pyfunc.log_model` always does): register
+    runs on a worker without a GPU, where loading an 8B 4-bit base would fail or fill the memory, to
+    record what it already has. Tests load the registered model and predict on its example."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> Any:
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
-def _log_datasets(cfg: PipelineConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """The run's data as MLflow dataset inputs (the Datasets panel): each split file from the configured
-    source under the snapshot's fingerprint, in its context (training, validation, test)."""
-    d = cfg.data
-    if d.is_local:
-        with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice and warns
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            source: Any = resolve_dataset_source(d.uri)
-    else:
-        source = HuggingFaceDatasetSource(path=d.source, split=d.split, revision=d.revision)
-    name = Path(d.source).stem if d.is_local else d.source
-    logged = {}
-    for split, context in SPLIT_CONTEXTS.items():
-        rows = read_split(run_dir / "splits", split)
-        if not rows:
-            continue
-        frame = pd.DataFrame([{"key": ex.key, "QUESTION": ex.question, "CONTEXTS": list(ex.contexts),
-                               "LONG_ANSWER": ex.answer, "final_decision": ex.decision} for ex in rows])
-        logged[split] = mlflow.data.from_pandas(frame, source=source, name=f"{name} ({split})",
-                                                digest=fingerprint[:16])
-        mlflow.log_input(logged[split], context=context)
-    return logged
-
-
-def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snapshot: dict[str, Any]) -> str:
-    """A run that records why a retrain stopped at the gate: tags, the reports, status FAILED.
-
-    No model, no version: the registry itself is untouched."""
-    experiment_id = ensure_experiment(cfg.registry)
-    tags = {RUN_KEY_TAG: run_key, "pipeline.stage": "validation", "validation": "failed",
-            "data_fingerprint": snapshot["fingerprint"], "data_source": snapshot["source"], "profile": cfg.profile}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (gate failed)", tags=tags) as run:
-        mlflow.log_metric("dataset_rows", snapshot["rows"])
-        for report in sorted((run_dir / "reports").glob("validation.*")):
-            mlflow.log_artifact(str(report), "reports")
-        mlflow.end_run(status="FAILED")
-    log.info("gate failure logged as MLflow run %s", run.info.run_id)
-    return str(run.info.run_id)
+def _input_example(run_dir: Path) -> pd.DataFrame | None:
+    """The first test question with its contexts: what a caller of the model sends."""
+    rows = read_split(run_dir / "splits", "test")
+    return pd.DataFrame([{"QUESTION": rows[0].question, "CONTEXTS": list(rows[0].contexts)}]) if rows else None
 
 
 # What loading and running the registered model imports (ml/serving.py and the ml modules it uses);

@@ -15,6 +15,8 @@ from typing import Any
 from ml.config import PipelineConfig, resolve_path
 from ml.errors import ConfigError
 
+TRAIN_METRICS = "metrics.jsonl"  # in train/: what the trainer logs as it trains, a JSON line a record
+
 
 @dataclass(frozen=True)
 class RunPaths:

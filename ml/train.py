@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig
 
 from ml import speed
@@ -34,6 +34,7 @@ from ml.data import read_split
 from ml.errors import DataError
 from ml.modeling import load_for_training
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
+from ml.runs import TRAIN_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     trainer.data_collator = counter = speed.HostCollator(trainer.data_collator, label_positions=loss_head == "trl")
     meter = speed.SpeedMeter(counter)
     trainer.add_callback(meter)
+    trainer.add_callback(MetricsFile(out_dir / TRAIN_METRICS))  # read live by the task that supervises
     trainer.remove_callback(PrinterCallback)  # the meter logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",
@@ -127,6 +129,21 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     if then is not None:  # e.g. scoring the test split without loading the base model again (ml/scoring.py)
         then(trainer.model, tokenizer)
     return result
+
+
+class MetricsFile(TrainerCallback):  # type: ignore[misc]
+    """Every logged record (loss, learning rate, grad norm, validation loss) as a JSON line with its
+    step and wall-clock time, appended as training goes: what the supervising task relays to MLflow
+    while the trainer runs (the trainer itself imports no MLflow)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)  # a resumed attempt rewrites its own
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        record = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, "time": time.time(), **record}) + "\n")
 
 
 def _dataset(rows: list[Encoded]) -> Dataset:

@@ -119,8 +119,11 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
         f"/#/runs/{v1.run_id}")
     assert links["MLflow model version"].get_link(retrain_dag.get_task("register"), ti_key=register.key).endswith(
         f"/#/models/{MODEL}/versions/1")
+    # the train task's button opens the same run, pushed when the run opened, before training started
     assert links["MLflow run"].get_link(retrain_dag.get_task("train"), ti_key=dag_run.get_task_instance("train").key) \
-        == ""
+        .endswith(f"/#/runs/{v1.run_id}")
+    assert links["MLflow model version"].get_link(retrain_dag.get_task("evaluate"),
+                                                  ti_key=dag_run.get_task_instance("evaluate").key) == ""
     # people were told, by e-mail (to both recipients) and on the webhook: the decision, both losses, the link
     (mail,), (post,) = inbox.since(0, 0)
     assert inbox.mails[0]["To"] == "ml-team@example.test, oncall@example.test"
@@ -136,7 +139,13 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     assert run.data.params["train.max_steps"] == "30" and run.data.params["lora.r"] == "16"
     assert run.data.tags["airflow.run_id"] == dag_run.run_id and len(run.data.tags["data_fingerprint"]) == 64
     assert run.data.tags["decision"] == "promoted"
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 30
+    # the curve reached MLflow while the train task ran, each point with its step and time
+    curve = client.get_metric_history(run.info.run_id, "train_loss")
+    train_task = dag_run.get_task_instance("train")
+    window = (train_task.start_date.timestamp() * 1000, train_task.end_date.timestamp() * 1000)
+    assert sorted(m.step for m in curve) == list(range(1, 31))
+    assert all(window[0] <= m.timestamp <= window[1] for m in curve), (window, [m.timestamp for m in curve])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert run.data.metrics["test_loss"] == pytest.approx(float(v1.tags["challenger_loss"]))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/loss_curve.png", "reports/sample_generations.json", "reports/evaluation.json",
@@ -281,3 +290,9 @@ def test_champion_loads_as_pyfunc_and_generates(client: Any) -> None:
         {"QUESTION": "금연은 폐 기능을 개선하는가?", "CONTEXTS": None},
     ]), params={"max_new_tokens": 6})
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # it carries its signature and an input example (a test question), on which it answers
+    example = model.input_example
+    assert list(example.columns) == ["QUESTION", "CONTEXTS"] and len(example) == 1 and example["QUESTION"][0]
+    assert model.metadata.get_input_schema().input_names() == ["QUESTION", "CONTEXTS"]
+    (answer,) = model.predict(example, params={"max_new_tokens": 4})
+    assert isinstance(answer, str)

@@ -80,7 +80,7 @@ def _killed_in(step: str, owner: str, name: str, run_dir: Path, run_key: str, mo
     cleanup, like SIGKILL) right after its first call of `<owner>.<name>` returns; its exit code."""
     code = (
         "import json, os, pathlib\n"
-        "import mlflow, mlflow.pyfunc\n"
+        "import mlflow, mlflow.models\n"
         "from ml import pipeline, registry\n"
         "from ml.config import PipelineConfig\n"
         f"original = getattr({owner}, {name!r})\n"
@@ -115,7 +115,7 @@ def _named(cfg: Any, model: str) -> Any:
 
 
 # Every MLflow write of register, in order: the run opened, its artifacts, the model, the version.
-REGISTER_WRITES = [("mlflow", "start_run"), ("mlflow", "log_artifact"), ("mlflow.pyfunc", "log_model"),
+REGISTER_WRITES = [("mlflow", "start_run"), ("mlflow", "log_artifact"), ("mlflow.models.Model", "log"),
                    ("mlflow", "register_model")]
 
 

@@ -180,6 +180,16 @@ def test_trigger_through_rest_and_find_the_promoted_version(
         assert _wait("the DAG run", lambda: finished(run_id), 900, procs, logs) == "success", \
             (logs / "worker.log").read_text()[-4000:]
 
+        # the task logs, as the UI shows them: nothing at ERROR level in a run that succeeded
+        # (progress bars, warnings and routine messages of the libraries are not errors)
+        for task in ("load", "validate", "prepare", "train", "evaluate", "register", "promote_champion"):
+            code, log = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}/taskInstances/{task}"
+                                     "/logs/1?full_content=true", headers={**auth, "Accept": "application/json"})
+            assert code == 200, log
+            events = [e for e in log["content"] if isinstance(e, dict)]
+            errors = [e.get("event") for e in events if str(e.get("level", "")).lower() in ("error", "critical")]
+            assert len(events) > 3 and not errors, (task, errors[:5])
+
         basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()}
         status, model = _http("GET", f"{ml_url}/api/2.0/mlflow/registered-models/get?name=e2e-tiny-lora",
                               headers=basic)

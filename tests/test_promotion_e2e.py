@@ -179,6 +179,9 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
     adapters = {v.version: v.tags["adapter_sha256"] for v in client.search_model_versions(f"name='{name}'")}
     assert adapters[first["version"]] != adapters[second["version"]]
     assert second["run_id"] != first["run_id"] and artifacts(first["version"]) == kept  # nothing overwritten
+    # each version's run holds the settings that trained its adapter (logged by the training run)
+    assert client.get_run(second["run_id"]).data.params["train.max_steps"] == "32"
+    assert client.get_run(first["run_id"]).data.params["train.max_steps"] == "30"
 
 
 def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset_is_rekeyed(

@@ -58,14 +58,24 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_registers_once(
     assert len(versions) == 1
 
 
-def test_a_failing_training_process_fails_the_step_with_its_output(tmp_path: Path, tiny_model: Path) -> None:
-    cfg = load_config("e2e", {"output_dir": str(tmp_path), "model.base_model": str(tmp_path / "no-model")})
+def test_a_failing_training_process_fails_the_step_with_its_output(
+        tmp_path: Path, tiny_model: Path, tracking: str) -> None:
+    from mlflow import MlflowClient
+
+    cfg = load_config("e2e", {"output_dir": str(tmp_path), "model.base_model": str(tmp_path / "no-model"),
+                              "registry.experiment": "broken-training"})
     paths = pipeline.run_paths(cfg, "broken")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     with pytest.raises(TrainingFailed, match="exited with code 2") as err:  # 2: unusable input
         pipeline.train(cfg, paths)
     assert "cannot load tokenizer" in str(err.value) and "no-model" in str(err.value)
+    # the attempt's MLflow run says so: FAILED, with the output's tail
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("broken-training").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.stage"] == "training"
+    tail = Path(client.download_artifacts(run.info.run_id, "train/log_tail.txt", str(tmp_path))).read_text()
+    assert "cannot load tokenizer" in tail
 
 
 def test_the_dag_sends_training_to_the_gpu_queue_with_a_retry(retrain_dag: Any) -> None:
