@@ -9,6 +9,8 @@ import os
 # Great Expectations may send usage statistics; no data about this project leaves the machine.
 # Set here, before any module of the package imports it.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# MLflow's artifact transfers draw progress bars on stderr: in a task log, ERROR lines of "\r" frames.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # Libraries that log routine chatter at INFO (GX: ~200 lines per import about its docs decorators;
 # datasets: which frameworks it found; MLflow's local store: its table migrations) or warn about

@@ -128,9 +128,9 @@ class ModelConfig(_Strict):
     max_seq_length: int = Field(512, gt=8, description=(
         "Tokens per example (prompt + answer); longer examples lose the end of their answer."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
-        "Precision of the weights: `auto` is bfloat16 (float16 without bf16 support) on CUDA and float32 "
-        "on the CPU. bfloat16 on a CPU with bf16 instructions (AVX512-BF16, AMX) runs faster there, at "
-        "lower precision."))
+        "Precision of the weights: `auto` is bfloat16 (float16 without bf16 support) on CUDA; on the CPU "
+        "bfloat16 where it has bf16 instructions (AVX512-BF16, AMX), faster there, else float32 (bfloat16 "
+        "without them takes a generic path, many times slower)."))
     load_in_4bit: bool = Field(True, description=(
         "Load the base model in 4-bit NF4 on CUDA (the CPU loads full precision)."))
     use_chat_template: bool = Field(True, description=(

@@ -220,12 +220,24 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
         mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))},
                            model_id=info.model_id, dataset=datasets.get("test"))
         # Registration comes last: a run that failed above leaves no version behind.
-        mv = mlflow.register_model(info.model_uri, reg.model_name,
-                                   tags={k: v for k, v in all_tags.items() if not k.startswith("mlflow.")})
+        mv = _create_version(client, reg.model_name, info, run_id,
+                             {k: v for k, v in all_tags.items() if k in VERSION_TAGS})
     _decision_tags(client, reg, str(mv.version), decision)
     describe_version(reg, str(mv.version), card)
     log.info("logged run %s and registered %s version %s", run_id, reg.model_name, mv.version)
     return Registered(run_id, str(mv.version), f"models:/{reg.model_name}/{mv.version}")
+
+
+def _create_version(client: MlflowClient, name: str, info: Any, run_id: str, tags: dict[str, str]) -> Any:
+    """`mlflow.register_model` through the client, which prints nothing: the fluent call prints its
+    routine messages to stderr, which an Airflow task shows as ERROR lines."""
+    try:
+        client.create_registered_model(name)
+        log.info("created the registered model %s", name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
 
 
 def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str, keep: str | None = None) -> None:
@@ -277,9 +289,17 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+# A version's tags, few (MLflow's UI lists them alphabetically, below the review card): the decision
+# and its numbers, and what the pipeline compares or finds a version by (the data, the config, the
+# adapter, the base, the run key, the Airflow run). Its run has all the rest.
+VERSION_TAGS = ("decision", "challenger_loss", "baseline_loss", "baseline", "improvement_interval",
+                "data_fingerprint", "config_sha256", ADAPTER_TAG, "base_model", "base_identity", RUN_KEY_TAG,
+                "airflow.run_id")
+
+
 def _decision_tags(client: MlflowClient, reg: RegistryConfig, version: str, decision: Decision) -> None:
     tags = {"challenger_loss": f"{decision.challenger_loss:.4f}", "baseline_loss": f"{decision.baseline_loss:.4f}",
-            "baseline": decision.baseline, "decision_reason": decision.reason, "compared_rows": str(decision.rows)}
+            "baseline": decision.baseline}
     if decision.low is not None:
         tags["improvement_interval"] = (
             f"{decision.improvement:+.4f} [{decision.low:+.4f}, {decision.high:+.4f}] "

@@ -37,6 +37,12 @@ from ml.runs import TRAIN_METRICS
 
 log = logging.getLogger(__name__)
 
+# MLflow logs through a handler of its own on stderr, which an Airflow task shows as ERROR lines
+# ("Successfully terminated system metrics monitoring!"): its records go to the root logger
+# instead, at their own level, as the rest of the task's log does.
+logging.getLogger("mlflow").handlers.clear()
+logging.getLogger("mlflow").propagate = True
+
 RUN_KEY_TAG = "pipeline.run_key"
 STAGE_TAG = "pipeline.stage"  # training, validation (a failed gate), skipped
 ADAPTER_TAG = "adapter_sha256"  # of the adapter a training run wrote, and a version holds

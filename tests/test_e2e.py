@@ -132,6 +132,10 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
         assert f"challenger {float(v1.tags['challenger_loss']):.4f} vs base model" in text
         assert f"/#/models/{MODEL}/versions/1" in text and "improvement +" in text
     assert v1.tags["decision"] == "promoted" and v1.tags["baseline"] == "base model"
+    # few tags on the version (the card says the rest); its run has them all
+    from ml import registry
+
+    assert set(v1.tags) <= set(registry.VERSION_TAGS) and len(v1.tags) <= 12 and "improvement_interval" in v1.tags
     assert float(v1.tags["challenger_loss"]) < float(v1.tags["baseline_loss"])
     assert _alias(client, "champion") == "1" and _alias(client, "previous_champion") is None
 

@@ -116,7 +116,7 @@ def _named(cfg: Any, model: str) -> Any:
 
 # Every MLflow write of register, in order: the run opened, its artifacts, the model, the version.
 REGISTER_WRITES = [("mlflow", "start_run"), ("mlflow", "log_artifact"), ("mlflow.models.Model", "log"),
-                   ("mlflow", "register_model")]
+                   ("mlflow.MlflowClient", "create_model_version")]
 
 
 @pytest.mark.parametrize(("owner", "name"), REGISTER_WRITES)
@@ -128,12 +128,12 @@ def test_a_worker_killed_in_register_and_retried_leaves_one_finished_version(
     model, key = f"faults-{name}", f"killed-in-{name}"
     assert _killed_in("register", owner, name, paths.root, key, model) == 9
     client = MlflowClient()
-    before = client.search_model_versions(f"name='{model}'") if name == "register_model" else []
+    before = client.search_model_versions(f"name='{model}'") if name == "create_model_version" else []
     retried = pipeline.register(_named(cfg, model), paths, key)  # the task's retry
     (version,) = client.search_model_versions(f"name='{model}'")
     assert retried["version"] == str(version.version) and [v.version for v in before] in ([], [version.version])
     run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED" and "decision_reason" in version.tags
+    assert run.info.status == "FINISHED" and "challenger_loss" in version.tags
     assert {"reports/evaluation.json", "reports/train_rows.json", "reports/loss_curve.png"} <= {
         a.path for a in client.list_artifacts(version.run_id, "reports")}
     # what the killed attempt left open was closed, and only the retry's run looks alive
@@ -141,7 +141,7 @@ def test_a_worker_killed_in_register_and_retried_leaves_one_finished_version(
     others = [r for r in client.search_runs([exp.experiment_id], f"tags.`pipeline.run_key` = '{key}'")
               if r.info.run_id != version.run_id]
     assert all(r.info.status == "KILLED" for r in others), [(r.info.run_id, r.info.status) for r in others]
-    assert len(others) == (0 if name == "register_model" else 1)
+    assert len(others) == (0 if name == "create_model_version" else 1)
 
 
 def test_a_worker_killed_after_the_alias_moved_and_retried_finishes_the_bookkeeping(evaluated: Any) -> None:
