@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.data
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
@@ -33,7 +32,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from ml.config import PipelineConfig, RegistryConfig, resolve_path
-from ml.data import read_split
 from ml.errors import ConfigError, RegistryConflict
 from ml.plots import loss_curve
 from ml.promotion import Decision
@@ -215,7 +213,7 @@ def log_and_register(cfg: PipelineConfig, run_key: str, run_dir: Path, *, tags: 
             artifact_path=None, name="model", flavor=_Pyfunc, flavor_name="pyfunc.ModelFromCode",
             validate_serving_input=False, python_model=str(Path(__file__).parent / "serving.py"), artifacts=artifacts,
             model_config=model_config, code_paths=[str(Path(__file__).parent)], signature=signature(),
-            input_example=_input_example(run_dir), pip_requirements=_pip_requirements())
+            input_example=_input_example(datasets.get("test")), pip_requirements=_pip_requirements())
         # The model carries its test scores, measured on the test split it names (its page in MLflow).
         mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))},
                            model_id=info.model_id, dataset=datasets.get("test"))
@@ -267,10 +265,9 @@ class _Pyfunc:
         return mlflow.pyfunc.save_model(**kwargs)
 
 
-def _input_example(run_dir: Path) -> pd.DataFrame | None:
-    """The first test question with its contexts: what a caller of the model sends."""
-    rows = read_split(run_dir / "splits", "test")
-    return pd.DataFrame([{"QUESTION": rows[0].question, "CONTEXTS": list(rows[0].contexts)}]) if rows else None
+def _input_example(test: Any) -> pd.DataFrame | None:
+    """The first test question with its contexts (of the test split as logged): what a caller sends."""
+    return test.df[["QUESTION", "CONTEXTS"]].head(1) if test is not None else None
 
 
 # What loading and running the registered model imports (ml/serving.py and the ml modules it uses);
