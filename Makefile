@@ -9,7 +9,7 @@ DEMO_STATE := $(CURDIR)/state/$(DEMO)
 DEMO_PROFILE := $(if $(filter demo-real,$(DEMO)),smollm2-pubmedqa-en,demo)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo demo-real test lint typecheck unit mlflow-ui airflow-ui up down benchmark clean
+.PHONY: install demo demo-real test test-stack lint typecheck unit mlflow-ui airflow-ui up down benchmark clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ unit: install
 
 test: lint typecheck
 	$(BIN)/pytest -q
+
+# docker-compose.yaml booted on a Docker engine (installed and started when missing; root or sudo).
+test-stack: install
+	scripts/stack_test.sh
 
 # The demo's state in the UIs (run `make demo` first). Local only: every user is admin, every
 # listener is on 127.0.0.1 (scripts/airflow_local.sh).

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from ml.config import PipelineConfig, RegistryConfig, resolve_path
-from ml.errors import ConfigError, RegistryConflict
+from ml.errors import ConfigError, RegistryConflict, RegistryUnavailable
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
@@ -71,7 +71,18 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
+        if exc.error_code == "PERMISSION_DENIED" and not _visible(client, name):
+            # A server with authentication answers 403, not 404, for a model that does not exist
+            # (it tells no one what exists). A model this account cannot see has no champion for
+            # it: registering creates the model, owned by this account, or fails naming the owner
+            # problem when another account made it (_create_version).
+            return None
         raise
+
+
+def _visible(client: MlflowClient, name: str) -> bool:
+    """Whether this account can see the registered model (searches list only readable ones)."""
+    return bool(client.search_registered_models(filter_string=f"name = '{name}'", max_results=1))
 
 
 def champion_version(reg: RegistryConfig) -> str | None:
@@ -235,6 +246,10 @@ def _create_version(client: MlflowClient, name: str, info: Any, run_id: str, tag
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
+        if not _visible(client, name):
+            raise RegistryUnavailable(
+                f"the registered model {name!r} exists but this MLflow account cannot read it: grant it "
+                "MANAGE on the model (MLflow's admin), or set registry.model_name to a model it owns") from exc
     return client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
 
 

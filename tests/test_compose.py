@@ -1,4 +1,4 @@
-"""Static checks of docker-compose.yaml (no Docker engine runs here)."""
+"""Static checks of docker-compose.yaml; tests/stack/test_stack.py boots it (make test-stack)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from ml.config import load_config
 COMPOSE = ROOT / "docker-compose.yaml"
 SECRETS = {"POSTGRES_PASSWORD", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET",
            "AIRFLOW__API__SECRET_KEY", "_AIRFLOW_WWW_USER_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
-           "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
-INIT_JOBS = {"airflow-init", "minio-init"}
+           "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+           "MLFLOW_PIPELINE_USERNAME", "MLFLOW_PIPELINE_PASSWORD"}
+INIT_JOBS = {"airflow-init", "minio-init", "mlflow-init"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_every_dependency_exists_and_waits_on_a_condition(compose: dict[str, Any
 
 
 def test_the_topology(compose: dict[str, Any]) -> None:
-    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
+    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "mlflow-init", "airflow-init", "airflow-apiserver",
             "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
             "airflow-worker-gpu"} <= set(compose["services"])
     assert compose["services"]["mlflow"]["build"]["context"] == "./mlflow"
@@ -59,6 +60,7 @@ def test_gpu_worker_serves_the_train_queue_with_a_gpu(compose: dict[str, Any]) -
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert gpu["build"]["dockerfile"] == "Dockerfile.gpu"
+    assert gpu["profiles"] == ["gpu"]  # `docker compose up` on a host without a GPU leaves it out
     assert f"--queues {queue}" not in compose["services"]["airflow-worker"]["command"]
 
 
@@ -70,7 +72,12 @@ def test_workers_reach_mlflow_through_the_service_by_env(compose: dict[str, Any]
     for name in ("airflow-worker", "airflow-worker-gpu", "airflow-scheduler"):
         env = compose["services"][name]["environment"]
         assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{port}"
-        assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+        # the pipeline's own account, not the admin's (mlflow-init creates it)
+        assert env["MLFLOW_TRACKING_USERNAME"].startswith("${MLFLOW_PIPELINE_USERNAME:?")
+        assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_PIPELINE_PASSWORD:?")
+    # MLflow's allowed-hosts check must accept the name the services call it by
+    hosts = next(a for a in mlflow["command"] if a.startswith("--allowed-hosts="))
+    assert f"mlflow:{port}" in hosts.partition("=")[2].split(",")
     for code in [*(ROOT / "ml").rglob("*.py"), *(ROOT / "dags").rglob("*.py")]:  # no URL hard-coded
         assert "mlflow:5000" not in code.read_text() and "127.0.0.1:5000" not in code.read_text(), code
 
@@ -89,7 +96,7 @@ def test_every_secret_comes_from_the_environment_without_a_default() -> None:
 
 def test_no_secret_is_written_in_the_repository() -> None:
     example = (ROOT / ".env.example").read_text()
-    for var in SECRETS - {"MLFLOW_ADMIN_USERNAME", "MINIO_ROOT_USER"}:
+    for var in SECRETS - {"MLFLOW_ADMIN_USERNAME", "MLFLOW_PIPELINE_USERNAME", "MINIO_ROOT_USER"}:
         assert re.search(rf"^{re.escape(var)}=$", example, re.M), f"{var} has a value in .env.example"
 
 
@@ -98,3 +105,14 @@ def test_mlflow_auth_config_is_built_from_env(path: Path) -> None:
     script = (ROOT / path).read_text()
     assert "admin_password = ${MLFLOW_ADMIN_PASSWORD}" in script
     assert "default_permission = NO_PERMISSIONS" in script
+
+
+def test_nothing_with_root_credentials_listens_beyond_loopback(compose: dict[str, Any]) -> None:
+    for port in compose["services"]["minio"].get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_a_failed_migration_fails_airflow_init(compose: dict[str, Any]) -> None:
+    script = "\n".join(compose["services"]["airflow-init"]["command"])
+    assert "set -euo pipefail" in script and "|| true" not in script
+    assert script.index("airflow db migrate") < script.index("airflow users create")

@@ -246,3 +246,47 @@ def test_wrong_mlflow_credentials_or_no_write_permission_fail_before_training(ti
             assert not list((tmp_path / user).glob("*/train")) and password not in out.stderr
     finally:
         server.stop()
+
+
+def test_an_account_reads_no_champion_where_it_sees_no_model_and_never_takes_anothers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's auth answers 403, not 404, for a model that does not exist. The pipeline's own
+    account (docker-compose.yaml) must read that as "no champion yet" - its first run creates the
+    model - and must refuse, naming it, a model another account created."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ml.config import RegistryConfig
+    from ml.registry import _create_version, champion_version
+
+    server = MlflowServer(tmp_path / "mlflow", admin_password="right-password")
+    server.start()
+    try:
+        admin = {"Authorization": "Basic " + base64.b64encode(b"admin:right-password").decode(),
+                 "Content-Type": "application/json"}
+        for path, body in (("/api/2.0/mlflow/users/create", {"username": "pipeline", "password": "pipeline-password"}),
+                           ("/api/2.0/mlflow/registered-models/create", {"name": "people-made"})):
+            req = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(), headers=admin)
+            try:
+                urllib.request.urlopen(req, timeout=30).close()
+            except urllib.error.HTTPError as err:
+                raise AssertionError(f"{path}: {err.read()!r}") from err
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pipeline-password")
+        reg = RegistryConfig(tracking_uri=server.url, model_name="not-yet", request_retries=0)
+        client = MlflowClient(server.url)
+        with pytest.raises(Exception, match="PERMISSION_DENIED|403"):  # what the server answers
+            client.get_model_version_by_alias("not-yet", "champion")
+        assert champion_version(reg) is None  # read as: no champion yet
+        client.create_registered_model("not-yet")  # its first run creates it, and owns it
+        assert champion_version(reg) is None  # its own model, still without a champion: 404 now
+        with pytest.raises(RegistryUnavailable, match="'people-made' exists but this MLflow account cannot read it"):
+            _create_version(client, "people-made", None, "", {})
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(None)

@@ -155,11 +155,20 @@ def test_trigger_through_rest_and_find_the_promoted_version(
                    "--concurrency", "1"],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()}
     try:
         for name, cmd in commands.items():
             procs[name] = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=(logs / f"{name}.log").open("wb"),
                                            stderr=subprocess.STDOUT, start_new_session=True)
-        _wait("mlflow", lambda: _http("GET", f"{ml_url}/health")[0] == 200, 180, procs, logs)
+            if name == "mlflow":
+                # Airflow's tasks use an account of their own, as in docker-compose.yaml: it owns
+                # what it creates and reads nothing else (a model it has not created yet answers 403)
+                _wait("mlflow", lambda: _http("GET", f"{ml_url}/health")[0] == 200, 180, procs, logs)
+                pipeline_password = secrets.token_urlsafe(16)
+                status, body = _http("POST", f"{ml_url}/api/2.0/mlflow/users/create",
+                                     {"username": "pipeline", "password": pipeline_password}, basic)
+                assert status == 200, body
+                env = {**env, "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": pipeline_password}
         _wait("api-server", lambda: _http("GET", f"{af_url}/api/v2/monitor/health")[0] == 200, 240, procs, logs)
 
         status, body = _http("POST", f"{af_url}/auth/token", {"username": "tester", "password": "tester-password"})
@@ -190,7 +199,6 @@ def test_trigger_through_rest_and_find_the_promoted_version(
             errors = [e.get("event") for e in events if str(e.get("level", "")).lower() in ("error", "critical")]
             assert len(events) > 3 and not errors, (task, errors[:5])
 
-        basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()}
         status, model = _http("GET", f"{ml_url}/api/2.0/mlflow/registered-models/get?name=e2e-tiny-lora",
                               headers=basic)
         assert status == 200, model
@@ -202,6 +210,8 @@ def test_trigger_through_rest_and_find_the_promoted_version(
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["decision"] == "promoted" and tags["baseline"] == "base model"
         assert tags["airflow.run_id"] == run_id
+        status, mlrun = _http("GET", f"{ml_url}/api/2.0/mlflow/runs/get?run_id={version['run_id']}", headers=basic)
+        assert status == 200 and mlrun["run"]["info"]["user_id"] == "pipeline", mlrun
 
         status, _ = _http("POST", f"{ml_url}/api/2.0/mlflow/experiments/create", {"name": "anonymous"})
         assert status == 401  # no anonymous writes
