@@ -170,6 +170,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         s.compose("down", "--volumes", "--remove-orphans", check=False)
         subprocess.run(["docker", "rmi", *PROJECT_IMAGES], capture_output=True)
+        # compose builds the Airflow image once per service: the untagged copies go too
+        subprocess.run(["docker", "image", "prune", "--force",
+                        "--filter", f"label=com.docker.compose.project={PROJECT}"], capture_output=True)
         print(f"[stack] phases (s): {json.dumps(PHASES)}", flush=True)
 
 
