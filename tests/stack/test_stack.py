@@ -156,7 +156,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     s = Stack(env_file, env)
     try:
-        with phase("base images"):  # only what the engine lacks: the stand-ins stay between runs
+        with phase("base images"):  # from the layer cache where the engine kept the last run's
             build_standins()
         try:
             with phase("project images"):
