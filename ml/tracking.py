@@ -156,6 +156,8 @@ class TrainingRun:
                                tags={RUN_KEY_TAG: self.run_key, STAGE_TAG: "training", "profile": self.cfg.profile})
         self.run_id = run.info.run_id
         mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
+        # an earlier attempt's records are not this run's (and the trainer starts the file anew)
+        self.file.unlink(missing_ok=True)
         self.thread.start()
         return self
 
@@ -163,6 +165,8 @@ class TrainingRun:
         """What the trainer appended since the last call, as metrics of the run."""
         if not self.file.exists():
             return
+        if self.file.stat().st_size < self.offset:  # started anew under us: read it from its start
+            self.offset = 0
         with self.file.open(encoding="utf-8") as f:
             f.seek(self.offset)
             lines = f.readlines()
@@ -174,8 +178,8 @@ class TrainingRun:
         while not self.stop.wait(self.every_s):
             try:
                 self.relay()
-            except (MlflowException, OSError) as exc:  # the server away a moment: the next poll catches up
-                log.warning("relaying training metrics to MLflow: %s", exc)
+            except (MlflowException, OSError, ValueError) as exc:  # the server away a moment: the next poll
+                log.warning("relaying training metrics to MLflow: %s", exc)  # catches up
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         self.stop.set()
