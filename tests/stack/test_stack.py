@@ -209,6 +209,12 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
                     headers=pipeline)
     assert code == 403, code
 
+    # airflow-init fails when its migration does (a wrong database password here), and says so
+    broken = stack.compose("run", "--rm", "--no-deps", "-e", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="
+                           "postgresql+psycopg2://airflow:wrong-password@postgres/airflow", "airflow-init", check=False)
+    assert broken.returncode != 0 and "password authentication failed" in broken.stdout + broken.stderr, \
+        (broken.returncode, broken.stdout[-2000:], broken.stderr[-2000:])
+
     # the demo's tiny base model, built on the shared volume as `make demo` builds it
     stack.compose("exec", "-T", "airflow-worker", "python", "-m", "ml", "tiny-model", "--profile", "demo")
 
