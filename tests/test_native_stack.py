@@ -19,13 +19,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port, http_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -40,29 +39,6 @@ def _reachable(port: int) -> bool:
 
 if not (_reachable(5432) and _reachable(6379)):
     pytest.skip("needs Postgres on 127.0.0.1:5432 and Redis on 127.0.0.1:6379", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read().decode(errors="replace")
-            try:
-                return resp.status, json.loads(raw) if raw else None
-            except json.JSONDecodeError:
-                return resp.status, raw  # plain-text endpoints such as /health
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
-    except OSError as err:
-        return 0, str(err)
 
 
 def _wait(what: str, check: Any, timeout: float, procs: dict[str, subprocess.Popen[bytes]], logs: Path) -> Any:
@@ -109,7 +85,7 @@ def test_trigger_through_rest_and_find_the_promoted_version(
 
     logs = tmp_path / "logs"
     logs.mkdir()
-    ml_port, af_port = _free_port(), _free_port()
+    ml_port, af_port = free_port(), free_port()
     ml_url, af_url = f"http://127.0.0.1:{ml_port}", f"http://127.0.0.1:{af_port}"
     admin_password = secrets.token_urlsafe(16)
     ini = tmp_path / "basic_auth.ini"
@@ -163,27 +139,27 @@ def test_trigger_through_rest_and_find_the_promoted_version(
             if name == "mlflow":
                 # Airflow's tasks use an account of their own, as in docker-compose.yaml: it owns
                 # what it creates and reads nothing else (a model it has not created yet answers 403)
-                _wait("mlflow", lambda: _http("GET", f"{ml_url}/health")[0] == 200, 180, procs, logs)
+                _wait("mlflow", lambda: http_json("GET", f"{ml_url}/health")[0] == 200, 180, procs, logs)
                 pipeline_password = secrets.token_urlsafe(16)
-                status, body = _http("POST", f"{ml_url}/api/2.0/mlflow/users/create",
+                status, body = http_json("POST", f"{ml_url}/api/2.0/mlflow/users/create",
                                      {"username": "pipeline", "password": pipeline_password}, basic)
                 assert status == 200, body
                 env = {**env, "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": pipeline_password}
-        _wait("api-server", lambda: _http("GET", f"{af_url}/api/v2/monitor/health")[0] == 200, 240, procs, logs)
+        _wait("api-server", lambda: http_json("GET", f"{af_url}/api/v2/monitor/health")[0] == 200, 240, procs, logs)
 
-        status, body = _http("POST", f"{af_url}/auth/token", {"username": "tester", "password": "tester-password"})
+        status, body = http_json("POST", f"{af_url}/auth/token", {"username": "tester", "password": "tester-password"})
         assert status in (200, 201), body
         auth = {"Authorization": f"Bearer {body['access_token']}"}
         _wait("the DAG to be parsed",
-              lambda: _http("GET", f"{af_url}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 240, procs, logs)
-        _http("PATCH", f"{af_url}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
-        status, run = _http("POST", f"{af_url}/api/v2/dags/retrain_lora/dagRuns",
+              lambda: http_json("GET", f"{af_url}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 240, procs, logs)
+        http_json("PATCH", f"{af_url}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
+        status, run = http_json("POST", f"{af_url}/api/v2/dags/retrain_lora/dagRuns",
                             {"logical_date": None, "conf": {"profile": "e2e-manual"}}, auth)
         assert status in (200, 201), run
         run_id = run["dag_run_id"]
 
         def finished(run_id: str) -> str | None:
-            code, state = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}", headers=auth)
+            code, state = http_json("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}", headers=auth)
             return state["state"] if code == 200 and state["state"] in ("success", "failed") else None
 
         assert _wait("the DAG run", lambda: finished(run_id), 900, procs, logs) == "success", \
@@ -192,28 +168,28 @@ def test_trigger_through_rest_and_find_the_promoted_version(
         # the task logs, as the UI shows them: nothing at ERROR level in a run that succeeded
         # (progress bars, warnings and routine messages of the libraries are not errors)
         for task in ("load", "validate", "prepare", "train", "evaluate", "register", "promote_champion"):
-            code, log = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}/taskInstances/{task}"
+            code, log = http_json("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}/taskInstances/{task}"
                                      "/logs/1?full_content=true", headers={**auth, "Accept": "application/json"})
             assert code == 200, log
             events = [e for e in log["content"] if isinstance(e, dict)]
             errors = [e.get("event") for e in events if str(e.get("level", "")).lower() in ("error", "critical")]
             assert len(events) > 3 and not errors, (task, errors[:5])
 
-        status, model = _http("GET", f"{ml_url}/api/2.0/mlflow/registered-models/get?name=e2e-tiny-lora",
+        status, model = http_json("GET", f"{ml_url}/api/2.0/mlflow/registered-models/get?name=e2e-tiny-lora",
                               headers=basic)
         assert status == 200, model
         aliases = {a["alias"]: a["version"] for a in model["registered_model"].get("aliases", [])}
         assert aliases == {"champion": "1"}
-        status, found = _http("GET", f"{ml_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27e2e-tiny-lora%27",
-                              headers=basic)
+        status, found = http_json(
+            "GET", f"{ml_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27e2e-tiny-lora%27", headers=basic)
         (version,) = found["model_versions"]
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["decision"] == "promoted" and tags["baseline"] == "base model"
         assert tags["airflow.run_id"] == run_id
-        status, mlrun = _http("GET", f"{ml_url}/api/2.0/mlflow/runs/get?run_id={version['run_id']}", headers=basic)
+        status, mlrun = http_json("GET", f"{ml_url}/api/2.0/mlflow/runs/get?run_id={version['run_id']}", headers=basic)
         assert status == 200 and mlrun["run"]["info"]["user_id"] == "pipeline", mlrun
 
-        status, _ = _http("POST", f"{ml_url}/api/2.0/mlflow/experiments/create", {"name": "anonymous"})
+        status, _ = http_json("POST", f"{ml_url}/api/2.0/mlflow/experiments/create", {"name": "anonymous"})
         assert status == 401  # no anonymous writes
 
         # New data announced as an upstream job would, through the REST API: an asset event for the
@@ -221,19 +197,20 @@ def test_trigger_through_rest_and_find_the_promoted_version(
         from ml.config import load_config
 
         uri = load_config("e2e-manual").data.uri
-        status, found = _http("GET", f"{af_url}/api/v2/assets?limit=100", headers=auth)
+        status, found = http_json("GET", f"{af_url}/api/v2/assets?limit=100", headers=auth)
         (asset,) = [a for a in found["assets"] if a["uri"] == uri]
-        status, event = _http("POST", f"{af_url}/api/v2/assets/events", {"asset_id": asset["id"]}, auth)
+        status, event = http_json("POST", f"{af_url}/api/v2/assets/events", {"asset_id": asset["id"]}, auth)
         assert status in (200, 201), event
 
         def triggered() -> str | None:
-            code, runs = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns", headers=auth)
+            code, runs = http_json("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns", headers=auth)
             ids = [r["dag_run_id"] for r in runs.get("dag_runs", []) if r["run_type"] == "asset_triggered"]
             return ids[0] if code == 200 and ids else None
 
         data_run = _wait("a run triggered by new data", triggered, 120, procs, logs)
         assert _wait("the data-triggered run", lambda: finished(data_run), 600, procs, logs) == "success"
-        code, tis = _http("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{data_run}/taskInstances", headers=auth)
+        code, tis = http_json("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{data_run}/taskInstances",
+                              headers=auth)
         states = {t["task_id"]: t["state"] for t in tis["task_instances"]}
         assert states["preflight"] == "skipped" and states["train"] == "skipped", states
     finally:

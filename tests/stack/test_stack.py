@@ -18,14 +18,13 @@ import os
 import secrets
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import http_json
 from images import ROOT, build_standins, untag_official
 
 if not os.environ.get("STACK_TEST"):
@@ -80,23 +79,6 @@ class Stack:
         return "\n".join(out)
 
 
-def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read().decode(errors="replace")
-            try:
-                return resp.status, json.loads(raw) if raw else None
-            except json.JSONDecodeError:
-                return resp.status, raw
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
-    except OSError as err:
-        return 0, str(err)
-
-
 def _wait(what: str, check: Callable[[], Any], timeout: float, stack: Stack) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,11 +91,11 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, stack: Stack) -> 
 
 def _failed_task_logs(run_url: str, auth: dict[str, str]) -> str:
     """What the Airflow UI shows of each failed task: its log's last events."""
-    code, tis = _http("GET", f"{run_url}/taskInstances", headers=auth)
+    code, tis = http_json("GET", f"{run_url}/taskInstances", headers=auth)
     out = []
     for ti in tis.get("task_instances", []) if code == 200 else []:
         if ti["state"] in ("failed", "upstream_failed") and ti["try_number"]:
-            code, log = _http("GET", f"{run_url}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
+            code, log = http_json("GET", f"{run_url}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
                                      "?full_content=true", headers={**auth, "Accept": "application/json"})
             events = log.get("content", []) if code == 200 and isinstance(log, dict) else [log]
             lines = [e.get("event", "") + (f"\n{e['error_detail']}" if e.get("error_detail") else "")
@@ -182,14 +164,14 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
 
     def ml(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """MLflow at its container's address, called by the name the services use (its Host check)."""
-        return _http(method, f"{mlflow}{path}", body, {"Host": "mlflow:5000", **(headers or {})})
+        return http_json(method, f"{mlflow}{path}", body, {"Host": "mlflow:5000", **(headers or {})})
 
     # Airflow: the admin of the env file logs in through the API (FAB auth manager)
-    code, token = _http("POST", f"{airflow}/auth/token",
+    code, token = http_json("POST", f"{airflow}/auth/token",
                         {"username": env["_AIRFLOW_WWW_USER_USERNAME"], "password": env["_AIRFLOW_WWW_USER_PASSWORD"]})
     assert code in (200, 201), token
     auth = {"Authorization": f"Bearer {token['access_token']}"}
-    code, _ = _http("POST", f"{airflow}/auth/token", {"username": "admin", "password": "wrong"})
+    code, _ = http_json("POST", f"{airflow}/auth/token", {"username": "admin", "password": "wrong"})
     assert code in (400, 401, 403), code
 
     # MLflow: anonymous writes refused; the services' Host header accepted, a foreign one refused
@@ -220,22 +202,22 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
 
     with phase("run"):
         _wait("the DAG to be parsed",
-              lambda: _http("GET", f"{airflow}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 300, stack)
-        code, body = _http("PATCH", f"{airflow}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
+              lambda: http_json("GET", f"{airflow}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 300, stack)
+        code, body = http_json("PATCH", f"{airflow}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
         assert code == 200, body
-        code, run = _http("POST", f"{airflow}/api/v2/dags/retrain_lora/dagRuns",
+        code, run = http_json("POST", f"{airflow}/api/v2/dags/retrain_lora/dagRuns",
                           {"logical_date": None, "conf": {"profile": "demo", "max_steps": 30}}, auth)
         assert code in (200, 201), run
         run_url = f"{airflow}/api/v2/dags/retrain_lora/dagRuns/{run['dag_run_id']}"
 
         def finished() -> str | None:
-            code, state = _http("GET", run_url, headers=auth)
+            code, state = http_json("GET", run_url, headers=auth)
             return state["state"] if code == 200 and state["state"] in ("success", "failed") else None
 
         state = _wait("the DAG run", finished, 1500, stack)
         assert state == "success", _failed_task_logs(run_url, auth) + "\n" + stack.logs("mlflow")
 
-    code, tis = _http("GET", f"{run_url}/taskInstances", headers=auth)
+    code, tis = http_json("GET", f"{run_url}/taskInstances", headers=auth)
     assert code == 200, tis
     by_task = {ti["task_id"]: ti for ti in tis["task_instances"]}
     train_host = stack.compose("exec", "-T", "airflow-worker-train", "hostname").stdout.strip()
@@ -286,10 +268,10 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
         stack.compose("up", "--wait", "--wait-timeout", "600", "--pull", "never")
     airflow, mlflow = f"http://{stack.ip('airflow-apiserver')}:8080", f"http://{stack.ip('mlflow')}:5000"
     run_url = f"{airflow}/api/v2/dags/retrain_lora/dagRuns/{run['dag_run_id']}"
-    code, token = _http("POST", f"{airflow}/auth/token",
+    code, token = http_json("POST", f"{airflow}/auth/token",
                         {"username": env["_AIRFLOW_WWW_USER_USERNAME"], "password": env["_AIRFLOW_WWW_USER_PASSWORD"]})
     assert code in (200, 201), token
-    code, again = _http("GET", run_url, headers={"Authorization": f"Bearer {token['access_token']}"})
+    code, again = http_json("GET", run_url, headers={"Authorization": f"Bearer {token['access_token']}"})
     assert code == 200 and again["state"] == "success", again  # Airflow's metadata
     assert registry() == (aliases, version)  # MLflow's registry
     assert read_adapter_config() == adapter_config  # the artifacts in the S3 store
