@@ -118,6 +118,7 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     log.info("starting training process (time limit %.0f s for %d steps): %s", limit,
              cfg.train.optimizer_steps(rows), " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s"})
@@ -151,7 +152,9 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
                 if "out of memory" in text.lower() else "")
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         raise TrainingFailed(f"training process {how}{hint}. Last output:\n{text}")
-    return read_json(paths.train / "train_result.json")  # type: ignore[no-any-return]
+    seconds = time.perf_counter() - started
+    log.info("the training process ended after %.1fs", seconds)
+    return {**read_json(paths.train / "train_result.json"), "process_s": round(seconds, 1)}
 
 
 def fetch_champion(cfg: PipelineConfig, paths: RunPaths) -> Any:
@@ -443,7 +446,9 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped, "seconds": seconds}
     timed("validate", validate)
     timed("prepare", prepare)
-    timed("train", train, run_key)
+    trained = timed("train", train, run_key)
+    if "process_s" in trained:  # of which the trainer's process (the rest: the champion fetched, the MLflow run)
+        seconds["train process"] = trained["process_s"]
     promoted = timed("evaluate", evaluate)["promote"]
     timed("register", register, run_key)
     result = timed("promote", promote, run_key) if promoted else timed("keep", keep)

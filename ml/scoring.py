@@ -38,6 +38,11 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
           where: str) -> dict[str, Any]:
     """Score the loaded challenger and its comparator on the test split; write and return the record."""
     start = time.perf_counter()
+    parts: dict[str, float] = {}  # seconds of each part, in the log and the record
+
+    def lap(name: str) -> None:
+        parts[name] = round(time.perf_counter() - start - sum(parts.values()), 2)
+
     test = read_split(paths.splits, "test")
     m = cfg.model
     fmt = PromptFormat.from_config(cfg)
@@ -45,13 +50,16 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
     challenger = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
     log.info("challenger test loss %.4f over %d answer tokens%s", challenger.loss, challenger.tokens,
              accuracy_note(challenger))
+    lap("challenger loss")
     identity = {"base_identity": base_identity(m.base_model, model_ref(m), getattr(model.config, "_commit_hash", None),
                                                m.revision),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
                 "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
+    lap("identities")
     shown = sample_rows(tokenizer, test, fmt, cfg.eval.num_sample_generations, cfg.eval.max_new_tokens)
     samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
                zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
+    lap("challenger answers")
 
     exclude: set[str] = set()
     review = None  # a reason no automatic decision can be made, found before scoring
@@ -59,6 +67,7 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
         with model.disable_adapter():
             baseline = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
         baseline_name, baseline_tok = "base model", identity["tokenizer"]
+        lap("base model loss")
     else:
         baseline_name = f"champion v{champ.version}"
         champ_fmt = PromptFormat(**champ.prompt_format) if champ.prompt_format else fmt
@@ -76,18 +85,21 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
         else:
             champ_cfg = m.model_copy(update={"base_model": champ.base_path or champ.base_model})
             champ_model, champ_tok = load_with_adapter(champ_cfg, Path(champ.adapter_dir))
+        lap("champion loaded")
         baseline = evaluate_model(champ_model, champ_tok, test, champ_fmt, cfg.eval.batch_size)
         baseline_tok = tokenizer_fingerprint(champ_tok)
         for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, champ_fmt,
                                                       cfg.eval.max_new_tokens), strict=True):
             row["champion"] = ans
+        lap("champion loss and answers")
     log.info("%s test loss %.4f%s", baseline_name, baseline.loss, accuracy_note(baseline))
     record = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "baseline_tokenizer": baseline_tok, "champion_version": champ.version if champ else None,
               "identity": identity, "excluded_rows": sorted(exclude), "review": review, "samples": samples,
-              "scored_in": where, "seconds": round(time.perf_counter() - start, 1)}
+              "scored_in": where, "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts}
     write_json(paths.scores, record)
-    log.info("scored in the %s in %.1fs", where, record["seconds"])
+    log.info("scored in the %s in %.1fs (%s)", where, record["seconds"],
+             ", ".join(f"{name} {sec:.2f}s" for name, sec in parts.items()))
     return record
 
 

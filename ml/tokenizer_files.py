@@ -4,21 +4,27 @@ The gate counts tokens before any GPU time; `transformers.AutoTokenizer` would i
 stack for it (seconds per process, docs/benchmarks.md). The counts need only three files of the
 model: `tokenizer.json` (the `tokenizers` encoder transformers' fast tokenizers run), the chat
 template (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) and the special
-tokens, rendered by transformers' own template renderer. Token counts equal AutoTokenizer's
-(tests/test_validate.py). A checkpoint converted on load (EXAONE, ml/base_models.py) keeps these
-files unchanged, so they are read from the checkpoint as published.
+tokens, rendered in the Jinja environment transformers renders chat templates in (not imported:
+transformers' import alone scans every installed package's file list, a second per process on a
+CUDA machine). Prompts and token counts equal AutoTokenizer's (tests/test_validate.py). A
+checkpoint converted on load (EXAONE, ml/base_models.py) keeps these files unchanged, so they are
+read from the checkpoint as published.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from ml.config import ModelConfig, resolve_path
 from ml.errors import ModelLoadError
@@ -45,13 +51,48 @@ class TokenizerFiles:
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
                             add_generation_prompt: bool = False) -> str:
         assert not tokenize and self.chat_template is not None
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
-        return str(rendered[0])
+        return compile_chat_template(self.chat_template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **self.special_tokens_map)
 
     def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
         encoded = self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return {"input_ids": [e.ids for e in encoded]}
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`, which marks the assistant's part in some templates:
+    rendered as its body (transformers tracks its position only when asked for an assistant mask)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return str(caller())
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.cache
+def compile_chat_template(template: str) -> jinja2.Template:
+    """A chat template in transformers' environment (`transformers.utils.chat_template_utils`): sandboxed,
+    blocks trimmed, loop controls, `tojson` without HTML escaping, `raise_exception`, `strftime_now`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def _token(value: Any) -> str | None:

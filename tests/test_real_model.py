@@ -50,6 +50,22 @@ def test_the_base_model_is_built_once_from_its_package_as_a_plain_folder(smollm2
     torch.testing.assert_close(ours, theirs)
 
 
+def test_answers_generated_in_one_batch_are_the_answers_generated_one_by_one(smollm2: Path) -> None:
+    """The report's sample answers (and the pyfunc's) come from one left-padded batch: each is the
+    greedy answer its prompt gets alone, whatever the other prompts' lengths."""
+    cfg = load_config("smollm2-pubmedqa-en", {"model.base_model": str(smollm2)})
+    fmt = PromptFormat.from_config(cfg)
+    rows = load_examples(cfg.data)
+    examples = [min(rows[:50], key=lambda ex: len(ex.question) + sum(map(len, ex.contexts))), rows[1], rows[2]]
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    lengths = {len(tok(render(tok, fmt, ex.question, ex.contexts)[0])["input_ids"]) for ex in examples}
+    assert len(lengths) == 3  # the batch pads all but the longest
+    alone = [generate_answers(model, tok, [ex], fmt, 16)[0] for ex in examples]
+    assert generate_answers(model, tok, examples, fmt, 16) == alone and all(alone), alone
+    assert tok.padding_side == "right"  # as it was
+
+
 def test_the_gate_counts_the_real_tokenizers_tokens_as_the_trainer_does(smollm2: Path) -> None:
     """SmolLM2's byte-level BPE and ChatML template, read from its files alone (ml/tokenizer_files.py),
     give the prompts and token counts of transformers' AutoTokenizer on real PQA-L rows."""

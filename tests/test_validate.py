@@ -292,7 +292,7 @@ def test_the_fit_check_counts_tokens_as_the_trainer_does_without_the_model_stack
     fmt = PromptFormat.from_config(cfg)
     _same_counts(cfg.model, examples, fmt)  # the chat template
     _same_counts(cfg.model, examples, dataclasses.replace(fmt, use_chat_template=False))  # BOS + Alpaca + EOS
-    assert imports_of("import ml.validate", ("torch", "peft", "transformers.modeling_utils")) == []
+    assert imports_of("import ml.validate", ("torch", "peft", "transformers")) == []
     # a hub id: the same files, downloaded (stood in by the local folder; optional files may be absent)
 
     def download(repo: str, name: str, revision: str | None) -> str:
@@ -305,3 +305,29 @@ def test_the_fit_check_counts_tokens_as_the_trainer_does_without_the_model_stack
     from_hub = tokenizer_files.tokenizer_files(cfg.model.model_copy(update={"base_model": "org/tiny-llama-ko"}))
     assert token_lengths(from_hub, examples, fmt) == token_lengths(tokenizer_files.tokenizer_files(cfg.model),
                                                                    examples, fmt)
+
+
+def test_chat_templates_render_in_the_gate_as_in_transformers() -> None:
+    """The features real templates use (Llama 3.1's: raise_exception, tojson, strftime_now; loop controls;
+    generation blocks; trimmed blocks) give transformers' text, and a template's own error is raised."""
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from ml.tokenizer_files import compile_chat_template
+
+    template = (
+        "{{ bos_token }}{% for m in messages %}\n    {% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}\n"
+        "  <|{{ m['role'] }}|>{{ m['content'] | tojson }}{% if loop.index > 2 %}{% break %}{% endif %}\n"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}{% endgeneration %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ strftime_now('%Y') }}{% endif %}")
+    messages = [{"role": "user", "content": "질문 <b>\"quoted\"</b>"}, {"role": "assistant", "content": " 답 "},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "never shown"}]
+    for prompt in (False, True):
+        theirs, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=prompt,
+                                          bos_token="<s>", eos_token="</s>")
+        ours = compile_chat_template(template).render(messages=messages, tools=None, documents=None,
+                                                      add_generation_prompt=prompt, bos_token="<s>", eos_token="</s>")
+        assert ours == theirs[0] and "never shown" not in ours
+    with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role system"):
+        compile_chat_template(template).render(messages=[{"role": "system", "content": "x"}])
