@@ -57,6 +57,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ml.data import load_records
     from ml.validate import gate_tokenizer, validate
 
+    if args.run_key:  # a step of that run: its snapshot, its report; failed, the run stops (exit 1)
+        if args.data or args.report:
+            raise ConfigError("validate --run-key checks the run's snapshot and writes its report in the run "
+                              "folder: drop --data and --report")
+        return cmd_step(args)
     cfg = _config(args)
     report = validate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
     if args.report:
@@ -112,7 +117,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     cfg = pipeline.freeze(cfg, paths)  # the first step writes the run's config; later steps read it
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
-    elif step in ("register", "promote"):
+    elif step in ("validate", "register", "promote"):
         _print(getattr(pipeline, step)(cfg, paths, args.run_key))
     else:
         _print(getattr(pipeline, step)(cfg, paths))
@@ -121,7 +126,7 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 def _needs_run_folder(step: str, paths: Any, args: argparse.Namespace) -> None:
     """Every step but `load` continues a run: its folder must exist, found by the same --run-key."""
-    needed = {"prepare": paths.data, "train": paths.splits, "evaluate": paths.train,
+    needed = {"validate": paths.data, "prepare": paths.data, "train": paths.splits, "evaluate": paths.train,
               "register": paths.reports, "promote": paths.reports, "keep": paths.reports}.get(step)
     if needed is not None and not needed.exists():
         raise ConfigError(f"{step}: no run folder {needed} for run key {args.run_key!r}; pass the --run-key (and "
@@ -168,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "the steps of one run one by one")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset")
+    p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset, or on a run's "
+                                                          "snapshot (--run-key: the step between load and prepare)")
     p.add_argument("--data", help="dataset file or folder (default: the profile's data.source)")
     p.add_argument("--report", help="write GX's validation result (JSON) here, and an HTML page beside it")
+    p.add_argument("--run-key", help="the run whose snapshot (python -m ml load --run-key ...) to check; its "
+                                     "report goes to the run folder")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tiny-model", parents=[common], help="build the tiny local Llama used by the demo")

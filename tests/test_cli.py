@@ -73,3 +73,23 @@ def test_bad_input_ends_in_one_clear_line_and_exit_2(tmp_path: Path) -> None:
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
     assert not out_dir.exists() and not (tmp_path / "config.json").exists()  # nothing written, inside or out
+
+
+def test_validate_is_a_step_of_a_run(tmp_path: Path, tiny_model: Path) -> None:
+    """`validate --run-key` checks the run's snapshot between load and prepare: its report in the run
+    folder, exit 1 when the gate fails; --data beside it is refused."""
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({**r, "LONG_ANSWER": " "} if i == 3 else r, ensure_ascii=False)
+                             for i, r in enumerate(rows)), encoding="utf-8")
+    runs = tmp_path / "runs"
+    for key, data, code in (("good", SAMPLE, 0), ("bad", bad, 1)):
+        common = ("--profile", "e2e", "--set", f"output_dir={runs}", "--set",
+                  f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--run-key", key)
+        assert _ml("load", *common, "--set", f"data.source={data}").returncode == 0
+        out = _ml("validate", *common)
+        assert out.returncode == code, out.stderr[-2000:]
+        assert json.loads((runs / key / "reports" / "validation.json").read_text())["success"] is (code == 0)
+    assert "failed" in out.stderr.lower() and rows[3]["PMID"] in out.stderr
+    out = _ml("validate", "--profile", "e2e", "--run-key", "good", "--data", str(SAMPLE))
+    assert out.returncode == 2 and "drop --data" in out.stderr
