@@ -138,23 +138,25 @@ def sample_rows(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat
 
 
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers to all prompts in one batch, padded on the left so that every answer starts right
-    after its prompt (the attention mask hides the padding). One decoding loop for the batch instead of
-    one per prompt: the report's sample answers of an 8B model take seconds, not tens of seconds."""
-    if not examples:
-        return []
+                     max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy answers, `batch_size` prompts at a time, each batch padded on the left so that every
+    answer starts right after its prompt (the attention mask hides the padding). One decoding loop per
+    batch instead of one per prompt: the report's sample answers of an 8B model take seconds, not tens
+    of seconds; a long request to the pyfunc stays within memory."""
     dev = next(model.parameters()).device
-    prompts = [render(tokenizer, fmt, ex.question, ex.contexts)[0] for ex in examples]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        ids = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(dev)
-    finally:
-        tokenizer.padding_side = side
-    with torch.no_grad():
-        # use_cache: a model fresh from training with gradient checkpointing has it off in its config
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id)
-    start = ids["input_ids"].shape[1]  # what follows is the answer; an answer that ended early is padded
-    return [tokenizer.decode(row[start:][row[start:] != tokenizer.pad_token_id], skip_special_tokens=True).strip()
-            for row in out]
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [render(tokenizer, fmt, ex.question, ex.contexts)[0] for ex in examples[start:start + batch_size]]
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            ids = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(dev)
+        finally:
+            tokenizer.padding_side = side
+        with torch.no_grad():
+            # use_cache: a model fresh from training with gradient checkpointing has it off in its config
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+        width = ids["input_ids"].shape[1]  # what follows is the answer; an answer that ended early is padded
+        answers += [tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id], skip_special_tokens=True)
+                    .strip() for row in out]
+    return answers

@@ -51,7 +51,7 @@ def test_the_base_model_is_built_once_from_its_package_as_a_plain_folder(smollm2
 
 
 def test_answers_generated_in_one_batch_are_the_answers_generated_one_by_one(smollm2: Path) -> None:
-    """The report's sample answers (and the pyfunc's) come from one left-padded batch: each is the
+    """The report's sample answers (and the pyfunc's) come from left-padded batches: each is the
     greedy answer its prompt gets alone, whatever the other prompts' lengths."""
     cfg = load_config("smollm2-pubmedqa-en", {"model.base_model": str(smollm2)})
     fmt = PromptFormat.from_config(cfg)
@@ -63,6 +63,7 @@ def test_answers_generated_in_one_batch_are_the_answers_generated_one_by_one(smo
     assert len(lengths) == 3  # the batch pads all but the longest
     alone = [generate_answers(model, tok, [ex], fmt, 16)[0] for ex in examples]
     assert generate_answers(model, tok, examples, fmt, 16) == alone and all(alone), alone
+    assert generate_answers(model, tok, examples, fmt, 16, batch_size=2) == alone  # a batch of two, then one
     assert tok.padding_side == "right"  # as it was
 
 
