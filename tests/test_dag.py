@@ -32,10 +32,9 @@ def test_task_graph(dag: Any) -> None:
 def test_schedule_and_concurrency(dag: Any) -> None:
     assert dag.max_active_runs == 1
     assert dag.catchup is False
-    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, timezone
     from airflow.timetables.base import TimeRestriction
     from airflow.timetables.trigger import CronTriggerTimetable as SchedulerTimetable
-    from airflow.utils import timezone
 
     from ml.config import load_config
 
