@@ -54,14 +54,14 @@ def _print(obj: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ml.data import load_records
-    from ml.validate import gate_tokenizer, validate
-
     if args.run_key:  # a step of that run: its snapshot, its report; failed, the run stops (exit 1)
         if args.data or args.report:
             raise ConfigError("validate --run-key checks the run's snapshot and writes its report in the run "
                               "folder: drop --data and --report")
         return cmd_step(args)
+    from ml.data import load_records
+    from ml.validate import gate_tokenizer, validate
+
     cfg = _config(args)
     report = validate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
     if args.report:

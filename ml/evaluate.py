@@ -145,18 +145,18 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], 
     of seconds; a long request to the pyfunc stays within memory."""
     dev = next(model.parameters()).device
     answers: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        prompts = [render(tokenizer, fmt, ex.question, ex.contexts)[0] for ex in examples[start:start + batch_size]]
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(examples), batch_size):
+            prompts = [render(tokenizer, fmt, ex.question, ex.contexts)[0] for ex in examples[start:start + batch_size]]
             ids = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(dev)
-        finally:
-            tokenizer.padding_side = side
-        with torch.no_grad():
-            # use_cache: a model fresh from training with gradient checkpointing has it off in its config
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
-        width = ids["input_ids"].shape[1]  # what follows is the answer; an answer that ended early is padded
-        answers += [tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id], skip_special_tokens=True)
-                    .strip() for row in out]
+            with torch.no_grad():
+                # use_cache: a model fresh from training with gradient checkpointing has it off in its config
+                out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id)
+            width = ids["input_ids"].shape[1]  # what follows is the answer; one that ended early is padded
+            answers += [tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id],
+                                         skip_special_tokens=True).strip() for row in out]
+    finally:
+        tokenizer.padding_side = side
     return answers

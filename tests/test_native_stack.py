@@ -142,7 +142,7 @@ def test_trigger_through_rest_and_find_the_promoted_version(
                 _wait("mlflow", lambda: http_json("GET", f"{ml_url}/health")[0] == 200, 180, procs, logs)
                 pipeline_password = secrets.token_urlsafe(16)
                 status, body = http_json("POST", f"{ml_url}/api/2.0/mlflow/users/create",
-                                     {"username": "pipeline", "password": pipeline_password}, basic)
+                                         {"username": "pipeline", "password": pipeline_password}, basic)
                 assert status == 200, body
                 env = {**env, "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": pipeline_password}
         _wait("api-server", lambda: http_json("GET", f"{af_url}/api/v2/monitor/health")[0] == 200, 240, procs, logs)
@@ -154,7 +154,7 @@ def test_trigger_through_rest_and_find_the_promoted_version(
               lambda: http_json("GET", f"{af_url}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 240, procs, logs)
         http_json("PATCH", f"{af_url}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
         status, run = http_json("POST", f"{af_url}/api/v2/dags/retrain_lora/dagRuns",
-                            {"logical_date": None, "conf": {"profile": "e2e-manual"}}, auth)
+                                {"logical_date": None, "conf": {"profile": "e2e-manual"}}, auth)
         assert status in (200, 201), run
         run_id = run["dag_run_id"]
 
@@ -169,14 +169,14 @@ def test_trigger_through_rest_and_find_the_promoted_version(
         # (progress bars, warnings and routine messages of the libraries are not errors)
         for task in ("load", "validate", "prepare", "train", "evaluate", "register", "promote_champion"):
             code, log = http_json("GET", f"{af_url}/api/v2/dags/retrain_lora/dagRuns/{run_id}/taskInstances/{task}"
-                                     "/logs/1?full_content=true", headers={**auth, "Accept": "application/json"})
+                                  "/logs/1?full_content=true", headers={**auth, "Accept": "application/json"})
             assert code == 200, log
             events = [e for e in log["content"] if isinstance(e, dict)]
             errors = [e.get("event") for e in events if str(e.get("level", "")).lower() in ("error", "critical")]
             assert len(events) > 3 and not errors, (task, errors[:5])
 
         status, model = http_json("GET", f"{ml_url}/api/2.0/mlflow/registered-models/get?name=e2e-tiny-lora",
-                              headers=basic)
+                                  headers=basic)
         assert status == 200, model
         aliases = {a["alias"]: a["version"] for a in model["registered_model"].get("aliases", [])}
         assert aliases == {"champion": "1"}

@@ -96,7 +96,7 @@ def _failed_task_logs(run_url: str, auth: dict[str, str]) -> str:
     for ti in tis.get("task_instances", []) if code == 200 else []:
         if ti["state"] in ("failed", "upstream_failed") and ti["try_number"]:
             code, log = http_json("GET", f"{run_url}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}"
-                                     "?full_content=true", headers={**auth, "Accept": "application/json"})
+                                  "?full_content=true", headers={**auth, "Accept": "application/json"})
             events = log.get("content", []) if code == 200 and isinstance(log, dict) else [log]
             lines = [e.get("event", "") + (f"\n{e['error_detail']}" if e.get("error_detail") else "")
                      if isinstance(e, dict) else str(e) for e in events]
@@ -167,8 +167,8 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
         return http_json(method, f"{mlflow}{path}", body, {"Host": "mlflow:5000", **(headers or {})})
 
     # Airflow: the admin of the env file logs in through the API (FAB auth manager)
-    code, token = http_json("POST", f"{airflow}/auth/token",
-                        {"username": env["_AIRFLOW_WWW_USER_USERNAME"], "password": env["_AIRFLOW_WWW_USER_PASSWORD"]})
+    airflow_admin = {"username": env["_AIRFLOW_WWW_USER_USERNAME"], "password": env["_AIRFLOW_WWW_USER_PASSWORD"]}
+    code, token = http_json("POST", f"{airflow}/auth/token", airflow_admin)
     assert code in (200, 201), token
     auth = {"Authorization": f"Bearer {token['access_token']}"}
     code, _ = http_json("POST", f"{airflow}/auth/token", {"username": "admin", "password": "wrong"})
@@ -206,7 +206,7 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
         code, body = http_json("PATCH", f"{airflow}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
         assert code == 200, body
         code, run = http_json("POST", f"{airflow}/api/v2/dags/retrain_lora/dagRuns",
-                          {"logical_date": None, "conf": {"profile": "demo", "max_steps": 30}}, auth)
+                              {"logical_date": None, "conf": {"profile": "demo", "max_steps": 30}}, auth)
         assert code in (200, 201), run
         run_url = f"{airflow}/api/v2/dags/retrain_lora/dagRuns/{run['dag_run_id']}"
 
@@ -268,8 +268,7 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
         stack.compose("up", "--wait", "--wait-timeout", "600", "--pull", "never")
     airflow, mlflow = f"http://{stack.ip('airflow-apiserver')}:8080", f"http://{stack.ip('mlflow')}:5000"
     run_url = f"{airflow}/api/v2/dags/retrain_lora/dagRuns/{run['dag_run_id']}"
-    code, token = http_json("POST", f"{airflow}/auth/token",
-                        {"username": env["_AIRFLOW_WWW_USER_USERNAME"], "password": env["_AIRFLOW_WWW_USER_PASSWORD"]})
+    code, token = http_json("POST", f"{airflow}/auth/token", airflow_admin)
     assert code in (200, 201), token
     code, again = http_json("GET", run_url, headers={"Authorization": f"Bearer {token['access_token']}"})
     assert code == 200 and again["state"] == "success", again  # Airflow's metadata
