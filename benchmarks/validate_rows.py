@@ -28,9 +28,8 @@ def main() -> int:
     import subprocess
 
     from ml.config import load_config
-    from ml.data import load_records
-    from ml.pipeline import gate_tokenizer
-    from ml.validate import validate
+    from ml.sources import load_records
+    from ml.validate import gate_tokenizer, validate
 
     subprocess.run([sys.executable, "-m", "ml", "tiny-model", "--profile", "demo"], check=True, cwd=ROOT,
                    capture_output=True)

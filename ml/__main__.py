@@ -59,7 +59,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError("validate --run-key checks the run's snapshot and writes its report in the run "
                               "folder: drop --data and --report")
         return cmd_step(args)
-    from ml.data import load_records
+    from ml.sources import load_records
     from ml.validate import gate_tokenizer, validate
 
     cfg = _config(args)
@@ -72,8 +72,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ml.data import load_examples
     from ml.prompt import PromptFormat
+    from ml.sources import load_examples
     from ml.tiny import build_tiny_model
 
     cfg = _config(args)

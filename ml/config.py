@@ -35,7 +35,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # dataset files read here (ml/data.py)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # dataset files read here (ml/sources.py)
 
 
 class DataConfig(_Strict):

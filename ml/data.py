@@ -1,10 +1,15 @@
-"""Load a QA dataset from the hub or a local file, snapshot it, split it stably.
+"""The records of a QA dataset in canonical form, their snapshot, and the stable split.
 
-Every source becomes canonical records: a stable row ``key`` plus the fields
-QUESTION / CONTEXTS / LONG_ANSWER with their values as the source had them, so
-the data-quality gate can judge types and content before anything is coerced.
-Validated records become `QAExample`s. The split is a pure function of the key,
-so appending rows never moves an existing row between train, validation and test.
+Every source (ml/sources.py reads them) becomes canonical records: a stable row
+``key`` plus the fields QUESTION / CONTEXTS / LONG_ANSWER with their values as the
+source had them, so the data-quality gate can judge types and content before
+anything is coerced. Validated records become `QAExample`s. The split is a pure
+function of the key, so appending rows never moves an existing row between train,
+validation and test.
+
+This module imports neither `datasets` nor pandas: the gate, the trainer's data
+and the scoring read run folders through it without paying for a loader they do
+not use.
 """
 
 from __future__ import annotations
@@ -19,10 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pandas as pd
-
-from ml.config import CANONICAL_COLUMNS, LOCAL_SUFFIXES, DataConfig, resolve_path
+from ml.config import CANONICAL_COLUMNS, DataConfig
 from ml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,110 +61,6 @@ class Snapshot:
     fingerprint: str
     rows: int
     source: str
-
-
-# ---------------------------------------------------------------- loading
-
-def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Raw records of the source, with an ``__id__`` field where the format has one."""
-    if not cfg.is_local:
-        return _read_hub(cfg)
-    path = resolve_path(cfg.source)
-    if not path.exists():
-        raise DataError(f"dataset file not found: {path}")
-    if path.is_dir() and not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-        return _read_hub(cfg, str(path))  # a dataset repository's files (a hub clone): the hub's loader
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # datasets raises several types for a bad folder
-            raise DataError(f"{path} is not a datasets save_to_disk folder: {exc}") from exc
-        if hasattr(ds, "keys"):  # a DatasetDict
-            if cfg.split not in ds:
-                raise DataError(f"split {cfg.split!r} not in {path} (has {list(ds.keys())})")
-            ds = ds[cfg.split]
-        return [dict(r) for r in ds]
-    try:
-        if path.suffix == ".jsonl":
-            return _from_jsonl(path)
-        if path.suffix == ".json":
-            return _records(_from_json(_parse(path.read_text(encoding="utf-8-sig"), f"{path}"), path), path)
-        if path.suffix == ".parquet":
-            return [dict(r) for r in pd.read_parquet(path).to_dict(orient="records")]
-        if path.suffix == ".csv":
-            return [dict(r) for r in pd.read_csv(path, keep_default_na=False).to_dict(orient="records")]
-    except DataError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(LOCAL_SUFFIXES)}, "
-                    "a save_to_disk folder or a dataset repository's folder")
-
-
-def _parse(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from exc
-    except RecursionError as exc:
-        raise DataError(f"{where}: JSON nested too deeply to be a record") from exc
-
-
-def _from_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; a bad line is named by its number in the file. A UTF-8 BOM is
-    accepted, as in every other format."""
-    rows = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                rows.append((number, _parse(line.rstrip("\r\n"), f"{path}, line {number}")))
-    return _records([row for _, row in rows], path, [f"line {n}" for n, _ in rows])
-
-
-def _records(rows: list[Any], path: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every row must be a JSON object whose text is valid Unicode (`\\ud800` alone is not)."""
-    for i, row in enumerate(rows):
-        where = names[i] if names else f"record {i + 1}"
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, {where}: expected a JSON object (a record), got {type(row).__name__}")
-        try:
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise DataError(f"{path}, {where}: text that is not valid Unicode (a lone surrogate escape "
-                            f"such as \\ud800)") from exc
-    return rows
-
-
-def _from_json(obj: Any, path: Path) -> list[Any]:
-    if isinstance(obj, list):
-        return obj
-    # PubMedQA PQA-L: {"PMID": {QUESTION, CONTEXTS, LONG_ANSWER, ...}, ...}
-    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
-        return [{"__id__": str(k), **v} for k, v in obj.items()]
-    raise DataError(f"{path}: expected a JSON list of records or a dict of records keyed by id")
-
-
-def _read_hub(cfg: DataConfig, source: str | None = None) -> list[dict[str, Any]]:
-    """A dataset repository (a hub id, or its files in a folder) through `datasets`' own loader.
-
-    The split is checked against the repository's before any data is read: a lone file's split
-    is named after the file (`pubmedQA_test_translated.json` -> `test`)."""
-    source = source or cfg.source
-    datasets.disable_progress_bars()  # per-file bars flood task logs; this line and the row count say enough
-    log.info("loading %s (split=%s, revision=%s) with the Hugging Face datasets loader",
-             source, cfg.split, cfg.revision)
-    try:
-        splits = datasets.get_dataset_split_names(source, revision=cfg.revision)
-    except Exception as exc:  # offline, missing repository, unreadable files: all surface here
-        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
-    if cfg.split not in splits:
-        raise DataError(f"dataset {cfg.source!r} has no split {cfg.split!r}; its splits: {', '.join(splits)} "
-                        "(set data.split)")
-    try:
-        ds = datasets.load_dataset(source, split=cfg.split, revision=cfg.revision)
-    except Exception as exc:
-        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
-    return [dict(r) for r in ds]
 
 
 # ---------------------------------------------------------------- canonical form
@@ -234,14 +132,6 @@ def to_example(record: dict[str, Any]) -> QAExample:
                      None if decision is None else str(decision).strip().lower())
 
 
-def load_records(cfg: DataConfig) -> list[dict[str, Any]]:
-    return canonical_records(read_records(cfg), cfg)
-
-
-def load_examples(cfg: DataConfig) -> list[QAExample]:
-    return [to_example(r) for r in load_records(cfg)]
-
-
 # ---------------------------------------------------------------- snapshot
 
 def fingerprint(records: Sequence[dict[str, Any]]) -> str:
@@ -285,14 +175,13 @@ def read_snapshot(out_dir: Path) -> list[dict[str, Any]]:
     return _read_lines(out_dir / "snapshot.jsonl")
 
 
-def snapshot(cfg: DataConfig, out_dir: Path) -> Snapshot:
-    """Load the source and freeze its canonical records, so later steps and reruns see the same rows."""
-    records = load_records(cfg)
+def write_snapshot(records: Sequence[dict[str, Any]], source: str, out_dir: Path) -> Snapshot:
+    """Freeze canonical records, so later steps and reruns see the same rows (ml/sources.py loads them)."""
     path = out_dir / "snapshot.jsonl"
     _write_lines(records, path)
-    snap = Snapshot(str(path), fingerprint(records), len(records), cfg.source)
+    snap = Snapshot(str(path), fingerprint(records), len(records), source)
     (out_dir / "snapshot.json").write_text(json.dumps(asdict(snap), indent=2))
-    log.info("snapshot of %s: %d rows, fingerprint %s", cfg.source, snap.rows, snap.fingerprint[:12])
+    log.info("snapshot of %s: %d rows, fingerprint %s", source, snap.rows, snap.fingerprint[:12])
     return snap
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from ml.config import PipelineConfig
-from ml.data import Snapshot, read_snapshot, read_split, snapshot, split_examples, to_example, write_splits
+from ml.data import Snapshot, read_snapshot, read_split, split_examples, to_example, write_splits
 from ml.errors import GateFailed, TrainingFailed
 from ml.runs import RunPaths, read_json, run_paths, write_json
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def load(cfg: PipelineConfig, paths: RunPaths) -> Snapshot:
+    from ml.sources import snapshot
+
     return snapshot(cfg.data, paths.data)
 
 

@@ -101,8 +101,8 @@ def session_dir() -> Path:
 def tiny_model() -> Path:
     """The tiny Llama + data-trained tokenizer, built once through the project's own builder."""
     from ml.config import load_config
-    from ml.data import load_examples
     from ml.prompt import PromptFormat
+    from ml.sources import load_examples
     from ml.tiny import build_tiny_model
 
     if not (TINY_MODEL / "config.json").exists():

@@ -5,21 +5,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import PQAL, SAMPLE
+from conftest import PQAL, SAMPLE, imports_of
 
 from ml.config import DataConfig
-from ml.data import (
-    QAExample,
-    assign_split,
-    fingerprint,
-    load_examples,
-    load_records,
-    read_snapshot,
-    snapshot,
-    split_examples,
-    to_example,
-)
+from ml.data import QAExample, assign_split, fingerprint, read_snapshot, split_examples, to_example
 from ml.errors import DataError
+from ml.sources import load_examples, load_records, snapshot
 
 ROWS = [
     {"PMID": "1", "QUESTION": "질문 하나?", "CONTEXTS": ["맥락 가", "맥락 나"], "LONG_ANSWER": "답 하나."},
@@ -216,3 +207,11 @@ def test_a_utf8_bom_is_accepted_in_json_as_in_csv(tmp_path: Path) -> None:
         path = tmp_path / name
         path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
         _expect_rows(load_examples(_cfg(path)))
+
+
+def test_the_pipelines_own_process_imports_no_dataset_loader() -> None:
+    """`python -m ml pipeline` reads a file source and run folders without `datasets` (>1 s to import on
+    the GPU machine) and scores nothing itself (the trainer does), so neither it nor torch is imported."""
+    steps = "import ml.pipeline, ml.validate, ml.tracking, ml.registry"
+    assert imports_of(steps, ("datasets", "torch", "transformers")) == []
+    assert imports_of("import ml.sources", ("datasets",)) == ["datasets"]  # the statement runs (a watched import shows)

@@ -54,8 +54,8 @@ def client(tracking: str) -> Any:
 
 def test_a_challenger_with_another_tokenizer_is_not_promoted_and_says_why(
         client: Any, tiny_model: Path, tmp_path: Path) -> None:
-    from ml.data import load_examples
     from ml.prompt import PromptFormat
+    from ml.sources import load_examples
     from ml.tiny import build_tiny_model
 
     cfg = _cfg("p-tokenizer", tmp_path)

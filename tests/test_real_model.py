@@ -16,13 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ml import pipeline
 from ml.base_models import PACKAGED, build_base_model, gguf_file
 from ml.config import load_config
-from ml.data import QAExample, load_examples, read_split
+from ml.data import QAExample, read_split
 from ml.errors import ModelLoadError
 from ml.evaluate import decision_token_ids, generate_answers, token_loss
 from ml.modeling import load_with_adapter
 from ml.promotion import RowScore, Scores
 from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render, token_lengths
 from ml.runs import read_json
+from ml.sources import load_examples
 
 pytestmark = pytest.mark.slow
 

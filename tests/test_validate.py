@@ -10,7 +10,8 @@ import pytest
 from conftest import PQAL
 
 from ml.config import PipelineConfig, load_config
-from ml.data import assign_split, load_records, to_example
+from ml.data import assign_split, to_example
+from ml.sources import load_records
 from ml.validate import FAMILIES, ValidationReport, validate
 
 
@@ -247,7 +248,8 @@ def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
     snapshot, which must not turn the bytes into the text "b'...'" that passes."""
     import pandas as pd
 
-    from ml.data import read_snapshot, snapshot
+    from ml.data import read_snapshot
+    from ml.sources import snapshot
 
     frame = pd.DataFrame([{k: v for k, v in r.items()} for r in load_records(cfg.data)])
     frame["CONTEXTS"] = frame["CONTEXTS"].map(list)
@@ -292,7 +294,7 @@ def test_the_fit_check_counts_tokens_as_the_trainer_does_without_the_model_stack
     fmt = PromptFormat.from_config(cfg)
     _same_counts(cfg.model, examples, fmt)  # the chat template
     _same_counts(cfg.model, examples, dataclasses.replace(fmt, use_chat_template=False))  # BOS + Alpaca + EOS
-    assert imports_of("import ml.validate", ("torch", "peft", "transformers")) == []
+    assert imports_of("import ml.validate", ("torch", "peft", "transformers", "datasets")) == []
     # a hub id: the same files, downloaded (stood in by the local folder; optional files may be absent)
 
     def download(repo: str, name: str, revision: str | None) -> str:
