@@ -1,7 +1,9 @@
 """Read a QA dataset: a hub repository, its files in a folder, a save_to_disk folder, or a file
 (JSONL, JSON, Parquet, CSV); freeze it as the run's snapshot.
 
-The readers return raw records; ml/data.py turns them into canonical ones.
+The readers return raw records; ml/data.py turns them into canonical ones. `datasets` is
+imported where a hub repository or a save_to_disk folder is read, not for a file: it is
+the slowest import of the pipeline's own process (docs/benchmarks.md), which reads files.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pandas as pd
 
 from ml.config import LOCAL_SUFFIXES, DataConfig, resolve_path
@@ -31,6 +32,8 @@ def read_records(cfg: DataConfig) -> list[dict[str, Any]]:
     if path.is_dir() and not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
         return _read_hub(cfg, str(path))  # a dataset repository's files (a hub clone): the hub's loader
     if path.is_dir():
+        import datasets
+
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:  # datasets raises several types for a bad folder
@@ -105,6 +108,8 @@ def _read_hub(cfg: DataConfig, source: str | None = None) -> list[dict[str, Any]
 
     The split is checked against the repository's before any data is read: a lone file's split
     is named after the file (`pubmedQA_test_translated.json` -> `test`)."""
+    import datasets
+
     source = source or cfg.source
     datasets.disable_progress_bars()  # per-file bars flood task logs; this line and the row count say enough
     log.info("loading %s (split=%s, revision=%s) with the Hugging Face datasets loader",

@@ -214,4 +214,9 @@ def test_the_pipelines_own_process_imports_no_dataset_loader() -> None:
     the GPU machine) and scores nothing itself (the trainer does), so neither it nor torch is imported."""
     steps = "import ml.pipeline, ml.validate, ml.tracking, ml.registry"
     assert imports_of(steps, ("datasets", "torch", "transformers")) == []
-    assert imports_of("import ml.sources", ("datasets",)) == ["datasets"]  # the statement runs (a watched import shows)
+    def read(source: Path, split: str) -> str:
+        return ("from ml.config import DataConfig; from ml.sources import load_records; "
+                f"load_records(DataConfig(source={str(source)!r}, split={split!r}))")
+
+    assert imports_of(read(SAMPLE, "test"), ("datasets", "pandas")) == ["pandas"]
+    assert imports_of(read(SAMPLE.parent, "train"), ("datasets",)) == ["datasets"]  # a folder: the hub's loader
