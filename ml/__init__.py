@@ -20,3 +20,10 @@ for _name, _level in (("great_expectations", logging.WARNING), ("datasets", logg
                       ("mlflow.store.db.utils", logging.WARNING), ("alembic", logging.WARNING),
                       ("bitsandbytes.backends.cpu.ops", logging.ERROR)):
     logging.getLogger(_name).setLevel(_level)
+
+
+def configure_logging() -> None:
+    """How `python -m ml` and the worker processes it starts log: INFO and above, to stderr, in the
+    format ML_LOG_FORMAT names (the trainer's, streamed into its parent's log, drops the time)."""
+    fmt = os.environ.get("ML_LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=fmt)

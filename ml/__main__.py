@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
-import os
 import secrets
 import sys
 from dataclasses import asdict
@@ -23,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ml import configure_logging
 from ml.config import (
     PipelineConfig,
     available_profiles,
@@ -220,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fmt = os.environ.get("ML_LOG_FORMAT", "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.basicConfig(level=logging.INFO, format=fmt)
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -23,13 +24,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
+from ml import configure_logging
 from ml.config import PipelineConfig
 from ml.data import Snapshot, read_snapshot, read_split, split_examples, to_example, write_splits
 from ml.errors import GateFailed, TrainingFailed
 from ml.runs import RunPaths, read_json, run_paths, write_json
+from ml.warm import warm_up_later_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +44,29 @@ def load(cfg: PipelineConfig, paths: RunPaths) -> Snapshot:
     return snapshot(cfg.data, paths.data)
 
 
-def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> dict[str, Any]:
-    """The data-quality gate on the snapshot. On failure, with a run key, the reports are logged
-    to MLflow as a run tagged failed (so reviewers see why a retrain did not happen) and
-    `GateFailed` stops the pipeline: nothing is trained or registered."""
+def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
+             checked: Future[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The data-quality gate (`gate`, or its outcome from another process: `checked`). On failure,
+    with a run key, the reports are logged to MLflow as a run tagged failed (so reviewers see why a
+    retrain did not happen) and `GateFailed` stops the pipeline: nothing is trained or registered."""
+    try:
+        return checked.result() if checked else gate(cfg, paths)
+    except GateFailed:
+        if run_key:
+            from ml.tracking import log_failed_validation
+
+            log_failed_validation(cfg, run_key, paths.root, read_json(paths.data / "snapshot.json"))
+        raise
+
+
+def gate(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """The gate on the run's snapshot (ml/validate.py), its report in the run folder; `GateFailed` if it fails."""
     from ml.validate import gate_tokenizer
     from ml.validate import validate as run_gate
 
     report = run_gate(read_snapshot(paths.data), cfg, gate_tokenizer(cfg))
     report.write(paths.reports / "validation.json")
     if not report.success:
-        if run_key:
-            from ml.tracking import log_failed_validation
-
-            log_failed_validation(cfg, run_key, paths.root, read_json(paths.data / "snapshot.json"))
         raise GateFailed(report.summary())
     return {"success": True, "expectations": len(report.checks), "rows": report.rows,
             "truncated_share": report.truncated_share}
@@ -67,12 +80,13 @@ def prepare(cfg: PipelineConfig, paths: RunPaths) -> dict[str, int]:
 
 
 def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
-          opened: Callable[[str], None] | None = None) -> dict[str, Any]:
+          opened: Callable[[str], None] | None = None, meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train in a child process (`train.isolate`, the default) or in this one. The champion is
     fetched first, so that the trainer can score the challenger against it while its model is
     still loaded (`eval.score_while_loaded`). The attempt is an MLflow run while it trains
     (`tracking.TrainingRun`: its metrics live, system metrics, FAILED with the log's tail if it
-    fails; `opened` is told its id at once); register continues it."""
+    fails; `opened` is told its id at once); register continues it. `meanwhile` runs in a thread
+    while the child trains (`run_all`: ml/warm.py)."""
     from ml.tracking import TrainingRun
 
     paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
@@ -85,7 +99,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
             from ml.backend import train_here
 
             return asdict(train_here(cfg, paths.splits, paths.train, score_in=paths))
-        return _train_in_child(cfg, paths)
+        return _train_in_child(cfg, paths, meanwhile)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -106,7 +120,8 @@ def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     return [sys.executable, "-m", "ml", "train", "--config", str(config_file), "--run-key", paths.root.name]
 
 
-def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+def _train_in_child(cfg: PipelineConfig, paths: RunPaths,
+                    meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
     """`python -m ml train` with this run's resolved config; its log lines stream into ours.
 
     The child owns the GPU: when it ends, CUDA memory goes back to the worker, and an
@@ -132,6 +147,9 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
     timer = threading.Timer(limit, expire)
     timer.start()
+    side = threading.Thread(target=meanwhile, name="meanwhile", daemon=True) if meanwhile else None
+    if side:
+        side.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -142,6 +160,8 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     finally:
         timer.cancel()
         _stop(proc)  # this task was stopped (Airflow's own timeout, a kill): do not leave the GPU busy
+        if side:
+            side.join()
     if expired.is_set() and rc != 0:
         raise TrainingFailed(f"training did not finish within its time limit of {limit:.0f} s "
                              f"(train.timeout_per_step_s x {cfg.train.optimizer_steps(rows)} steps + "
@@ -160,10 +180,14 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def fetch_champion(cfg: PipelineConfig, paths: RunPaths) -> Any:
-    """The champion this run competes with (None: the base model), downloaded into the run folder."""
-    from ml.registry import champion
-    from ml.runs import write_champion
+    """The champion this run competes with (None: the base model), downloaded into the run folder,
+    unless that version is there already (`run_all` fetched it while the gate ran; an earlier attempt)."""
+    from ml.registry import champion, champion_version
+    from ml.runs import read_champion, write_champion
 
+    fetched, champ = read_champion(paths.champion)  # written once the download is complete
+    if fetched and (champ.version if champ else None) == champion_version(cfg.registry):
+        return champ
     shutil.rmtree(paths.champion, ignore_errors=True)
     champ = champion(cfg.registry, paths.champion)
     write_champion(paths.champion, champ)
@@ -443,15 +467,27 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         return out
 
     snap = timed("load", load)
-    skipped = timed("preflight", preflight, run_key, force)
-    if skipped:
-        return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped, "seconds": seconds}
-    timed("validate", validate)
+    # The gate runs in a process of its own (Great Expectations: seconds of imports) while this one asks the
+    # registry (MLflow: as many seconds) and fetches the champion; nothing trains before the gate has passed.
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=configure_logging)
+    checked = pool.submit(gate, cfg, paths)
+    try:
+        skipped = timed("preflight", preflight, run_key, force)
+        if skipped:
+            return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, "skipped": skipped,
+                    "seconds": seconds}
+        if cfg.eval.score_while_loaded:
+            timed("champion", fetch_champion)
+        timed("validate", validate, run_key, checked)  # the wait for the gate, once this process is done
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # the worker's own exit is not waited for
     timed("prepare", prepare)
-    trained = timed("train", train, run_key)
-    if "process_s" in trained:  # of which the trainer's process (the rest: the champion fetched, the MLflow run)
+    warm = warm_up_later_steps if cfg.train.warm_up_later_steps else None  # while the child trains
+    trained = timed("train", train, run_key, None, warm)
+    if "process_s" in trained:  # of which the trainer's process (the rest: the MLflow run opened and closed)
         seconds["train process"] = trained["process_s"]
     promoted = timed("evaluate", evaluate)["promote"]
     timed("register", register, run_key)
     result = timed("promote", promote, run_key) if promoted else timed("keep", keep)
     return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result, "seconds": seconds}
+

@@ -217,3 +217,27 @@ def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_
     assert note.data.tags["decision"] == "skipped" and note.info.status == "FINISHED"
     forced = pipeline.run_all(cfg, "forced", force=True)
     assert "skipped" not in forced and json.loads(json.dumps(forced))["version"] == "2"
+
+
+def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """`run_all` runs the gate in a process of its own beside the registry checks: its failure still
+    stops the run before training, names the row, and leaves a failed run in MLflow and no version."""
+    from conftest import SAMPLE
+
+    from ml.errors import GateFailed
+
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    rows[2]["LONG_ANSWER"] = " "
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    cfg = _cfg("p-gate", tmp_path, **{"data.source": str(bad), "registry.experiment": "p-gate"})
+    with pytest.raises(GateFailed, match="data-quality gate FAILED") as failed:
+        pipeline.run_all(cfg, "bad-data")
+    assert rows[2]["PMID"] in str(failed.value) and "[content]" in str(failed.value)
+    run_dir = tmp_path / "runs" / "bad-data"
+    assert not json.loads((run_dir / "reports" / "validation.json").read_text())["success"]
+    assert not (run_dir / "splits").exists() and not (run_dir / "train").exists()
+    assert client.search_model_versions("name='p-gate'") == []
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    (run,) = client.search_runs([exp.experiment_id], "tags.`pipeline.run_key` = 'bad-data'")
+    assert run.info.status == "FAILED" and run.data.tags["validation"] == "failed"
