@@ -467,8 +467,9 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         return out
 
     snap = timed("load", load)
-    # The gate runs in a process of its own (Great Expectations: seconds of imports) while this one asks the
-    # registry (MLflow: as many seconds) and fetches the champion; nothing trains before the gate has passed.
+    # The gate runs in a worker process (the only one that imports Great Expectations) while this one runs
+    # preflight and fetches the champion; nothing trains before the gate has passed. A skipped run or a
+    # failed preflight leaves the gate to finish on its own (its report is written; its outcome unused).
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=configure_logging)
     checked = pool.submit(gate, cfg, paths)
     try:

@@ -217,6 +217,16 @@ def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_
     assert note.data.tags["decision"] == "skipped" and note.info.status == "FINISHED"
     forced = pipeline.run_all(cfg, "forced", force=True)
     assert "skipped" not in forced and json.loads(json.dumps(forced))["version"] == "2"
+    # The champion in a run folder is fetched once (run_all fetches it while the gate runs, train finds
+    # it there), and again when @champion has moved since.
+    paths = pipeline.run_paths(cfg, "fetched")
+    champ = pipeline.fetch_champion(cfg, paths)
+    mlmodel = Path(champ.model_dir) / "MLmodel"
+    stamp = mlmodel.stat().st_ino, mlmodel.stat().st_mtime_ns
+    assert pipeline.fetch_champion(cfg, paths) == champ and (mlmodel.stat().st_ino, mlmodel.stat().st_mtime_ns) == stamp
+    other = "1" if champ.version == "2" else "2"
+    client.set_registered_model_alias(name, "champion", other)
+    assert pipeline.fetch_champion(cfg, paths).version == other
 
 
 def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_model: Path, tmp_path: Path) -> None:
