@@ -454,7 +454,8 @@ def unchanged(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) 
 
 def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str, Any]:
     """Every step in order, without Airflow; the wall time of each comes back as `seconds`.
-    Unless `force`, a run whose data and config equal the champion's stops after loading."""
+    Unless `force`, a run whose data and config equal the champion's stops after loading. The gate
+    runs in a spawned worker process: a script calling this needs `if __name__ == "__main__":`."""
     paths = run_paths(cfg, run_key)
     cfg = freeze(cfg, paths)
     seconds: dict[str, float] = {}
