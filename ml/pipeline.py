@@ -32,7 +32,7 @@ from ml import configure_logging
 from ml.config import PipelineConfig
 from ml.data import Snapshot, read_snapshot, read_split, split_examples, to_example, write_splits
 from ml.errors import GateFailed, TrainingFailed
-from ml.runs import RunPaths, read_json, run_paths, write_json
+from ml.runs import RunPaths, read_champion, read_json, run_paths, write_champion, write_json
 from ml.warm import warm_up_later_steps
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
     still loaded (`eval.score_while_loaded`). The attempt is an MLflow run while it trains
     (`tracking.TrainingRun`: its metrics live, system metrics, FAILED with the log's tail if it
     fails; `opened` is told its id at once); register continues it. `meanwhile` runs in a thread
-    while the child trains (`run_all`: ml/warm.py)."""
+    while a child trains (`run_all`: ml/warm.py); training in this process leaves no time for it."""
     from ml.tracking import TrainingRun
 
     paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
@@ -183,7 +183,6 @@ def fetch_champion(cfg: PipelineConfig, paths: RunPaths) -> Any:
     """The champion this run competes with (None: the base model), downloaded into the run folder,
     unless that version is there already (`run_all` fetched it while the gate ran; an earlier attempt)."""
     from ml.registry import champion, champion_version
-    from ml.runs import read_champion, write_champion
 
     fetched, champ = read_champion(paths.champion)  # written once the download is complete
     if fetched and (champ.version if champ else None) == champion_version(cfg.registry):
@@ -267,7 +266,6 @@ def review_card(cfg: PipelineConfig, paths: RunPaths, decision: dict[str, Any]) 
     """The version's review card (ml/review_card.py) from the run folder and the champion's run."""
     from ml.registry import run_params
     from ml.review_card import config_changes, render, row_changes
-    from ml.runs import read_champion
 
     _, champ = read_champion(paths.champion)
     ev = read_json(paths.reports / "evaluation.json")
@@ -492,4 +490,3 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
     timed("register", register, run_key)
     result = timed("promote", promote, run_key) if promoted else timed("keep", keep)
     return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result, "seconds": seconds}
-

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SAMPLE
 
 from ml import pipeline
 from ml.config import load_config
 from ml.data import read_split
-from ml.errors import RegistryConflict
+from ml.errors import GateFailed, RegistryConflict
 from ml.runs import read_json
 
 pytestmark = pytest.mark.slow
@@ -232,10 +232,6 @@ def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_
 def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_model: Path, tmp_path: Path) -> None:
     """`run_all` runs the gate in a process of its own beside the registry checks: its failure still
     stops the run before training, names the row, and leaves a failed run in MLflow and no version."""
-    from conftest import SAMPLE
-
-    from ml.errors import GateFailed
-
     rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
     rows[2]["LONG_ANSWER"] = " "
     bad = tmp_path / "bad.jsonl"
