@@ -81,7 +81,15 @@ def ensure_experiment(reg: RegistryConfig) -> str:
     if reg.artifact_location and not mlflow.get_tracking_uri().startswith(("http://", "https://")):
         # Local stores need an explicit home for artifacts; a server proxies its own.
         location = resolve_path(reg.artifact_location).as_uri()
-    return str(client.create_experiment(reg.experiment, artifact_location=location))
+    try:
+        return str(client.create_experiment(reg.experiment, artifact_location=location))
+    except MlflowException as exc:  # two runs started together on a new server: the other created it
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+        exp = client.get_experiment_by_name(reg.experiment)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
 
 
 def git_commit() -> str | None:

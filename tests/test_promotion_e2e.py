@@ -71,12 +71,14 @@ def test_a_challenger_with_another_tokenizer_is_not_promoted_and_says_why(
 
 def test_two_pipelines_started_together_end_with_the_better_model_on_champion(
         client: Any, tiny_model: Path, tmp_path: Path) -> None:
-    """Both are scored against the base model; whichever promotes second finds @champion moved,
-    is scored again against it, and moves the alias only if it is better."""
+    """Both create their new experiment at once (one finds the other's); both are scored against the
+    base model; whichever promotes second finds @champion moved, is scored again against it, and
+    moves the alias only if it is better."""
     name = "p-race"
     procs = {key: subprocess.Popen(
         [sys.executable, "-m", "ml", "pipeline", "--profile", "e2e", "--run-key", key,
-         "--set", f"registry.model_name={name}", "--set", f"output_dir={tmp_path / 'runs'}",
+         "--set", f"registry.model_name={name}", "--set", f"registry.experiment={name}",
+         "--set", f"output_dir={tmp_path / 'runs'}",
          "--set", f"train.max_steps={steps}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for key, steps in (("weak", 3), ("strong", 60))}
