@@ -16,7 +16,7 @@ Here every phase shares the process, the Unsloth model and the host. Phases:
       +nosync without the per-step synchronize (the host runs ahead, as in the Trainer);
       +syncs counts host<-GPU synchronisations per step by source line
   seed[+OPTION...]
-      `ml.train.train` with the seed profile in the seed's memory layout (3 x 4, padded to the
+      `ml.train.finetune` with the seed profile in the seed's memory layout (3 x 4, padded to the
       longest row, every layer recomputed) on rows of 512 tokens or more (the
       reference's work; +pubmedqa: PubMedQA-Ko-like rows); options name config overrides
       (`--set`-style, KEY=VALUE) or: syncs (count synchronisations), blocking (inputs copied
@@ -158,7 +158,7 @@ def seed_phase(loaded: tuple[Any, Any, Any], opts: list[str], work: Path, steps:
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
     try:
         out = Path(tempfile.mkdtemp(dir=work))
-        result = mt.train(cfg, splits, out, callbacks=callbacks)
+        result = mt.finetune(cfg, splits, out, callbacks=callbacks)
     finally:
         mt.load_for_training, mt.sft_config = original_load, original_args  # type: ignore[assignment]
         if precision is not None:

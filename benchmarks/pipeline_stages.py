@@ -59,6 +59,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from ml.config import load_config, parse_overrides
+    from ml.runs import RunPaths, read_json
 
     overrides = {"model.base_model": args.model, "output_dir": str(work / "runs"),
                  "registry.artifact_location": str(work / "mlartifacts")}
@@ -85,8 +86,8 @@ def main() -> int:
         total = time.perf_counter() - start
         result = json.loads(out.stdout)
         seconds = result["seconds"]
-        reports = Path(result["run_dir"]) / "reports"
-        scores, trained = (json.loads((reports / f).read_text()) for f in ("scores.json", "../train/train_result.json"))
+        paths = RunPaths(Path(result["run_dir"]))
+        scores, trained = read_json(paths.scores), read_json(paths.trained.result)
         # Training: the trainer's process, from its start to its end (its imports and model load included),
         # less the test split it scored after training (eval.score_while_loaded). The rest of the train step
         # (the champion fetched, the MLflow run opened) is not training.

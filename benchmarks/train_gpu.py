@@ -7,7 +7,7 @@ The `exaone` variant trains the EXAONE profile on a random EXAONE-3.5-2.4B check
 published layout (`benchmarks/make_exaone.py` writes it to /tmp/exaone24), converted on load
 as in production; `--steps -1` keeps the profile's 3 epochs.
 
-Runs `ml.train.train` (the code the DAG's train task runs) with the seed's or
+Runs `ml.train.finetune` (the code the DAG's train task runs) with the seed's or
 the default profile's settings on synthetic data whose lengths resemble PubMedQA-Ko under
 the Llama-3 tokenizer (an assumption: question ~25 tokens, contexts ~330
 (log-normal), answer ~110; about half the rows exceed 512 tokens and are

@@ -29,7 +29,7 @@ def main() -> int:
 
     from ml.config import load_config
     from ml.sources import load_records
-    from ml.validate import gate_tokenizer, validate
+    from ml.validate import gate, gate_tokenizer
 
     subprocess.run([sys.executable, "-m", "ml", "tiny-model", "--profile", "demo"], check=True, cwd=ROOT,
                    capture_output=True)
@@ -43,7 +43,7 @@ def main() -> int:
     t0 = time.perf_counter()
     tokenizer = gate_tokenizer(cfg)
     t1 = time.perf_counter()
-    report = validate(records, cfg, tokenizer)
+    report = gate(records, cfg, tokenizer)
     t2 = time.perf_counter()
     print(f"Machine: {machine()}")
     print(f"rows: {report.rows:,}; expectations: {len(report.checks)}; gate: "

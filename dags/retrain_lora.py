@@ -1,7 +1,7 @@
 """Retrain a LoRA adapter on fresh data and promote it only when it is measurably better.
 
 load -> preflight -> validate (data-quality gate) -> prepare -> train -> evaluate -> register
--> decide -> promote_champion | keep_champion -> summary
+-> promote_or_keep -> promote_champion | keep_champion -> summary
 
 `preflight` fails the run before any GPU time when MLflow cannot be reached or written to, and
 skips the rest when the data and the effective config equal the champion's (trigger with
@@ -10,7 +10,9 @@ take the `mlflow_registry` pool (one slot), and promotion re-checks @champion un
 
 Each task calls its `ml.pipeline` step; the work lives in `ml/` and runs without
 Airflow (`python -m ml --help`). Tasks of one run share a run folder under the
-profile's `output_dir`, named after the Airflow run id.
+profile's `output_dir`, named after the Airflow run id. The schedule, the GPU queue, the
+train task's retries and its time cap are the default profile's `deploy` settings
+($RETRAIN_PROFILE), read when this file is parsed: a run's own profile cannot change them.
 
 Trigger with parameters from the UI ("Trigger DAG" shows a form): an empty
 field keeps the profile's value.
@@ -46,8 +48,12 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from mlflow_links import RUN_URL_KEY, VERSION_URL_KEY, run_url, version_url  # plugins/: links to MLflow
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 
-# Only the light config module at parse time; each task imports the ML stack it runs.
-from ml.config import DEFAULT_PROFILE, available_profiles, field_schema, load_config, param_schemas
+# Only light modules at parse time; each step imports the ML stack it runs.
+from ml import pipeline
+from ml.config import DEFAULT_PROFILE, available_profiles, load_config
+from ml.errors import GateFailed
+from ml.params import config_from_params, field_schema, param_schemas
+from ml.runs import run_paths
 
 DAG_ID = "retrain_lora"
 REGISTRY_POOL = "mlflow_registry"  # one slot: registry writes of concurrent runs one at a time
@@ -55,11 +61,11 @@ REGISTRY_POOL = "mlflow_registry"  # one slot: registry writes of concurrent run
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
 
 # Bounds, so that a run nobody watches ends: most steps take seconds to minutes; the trainer stops
-# itself at its own limit (steps x train.timeout_per_step_s + startup, ml/pipeline.py), before the
-# task's cap; evaluation and promotion (which may score again) load models.
+# itself at its own limit (steps x train.timeout_per_step_s + startup, at most the deploy cap), before
+# the task's cap; evaluation and promotion (which may score again) load models.
 SHORT = timedelta(minutes=30)
 MODEL_WORK = timedelta(hours=2)
-TRAIN_CAP = timedelta(hours=DEFAULT.train.timeout_cap_h) + timedelta(minutes=10)
+TRAIN_CAP = timedelta(hours=DEFAULT.deploy.train_timeout_cap_h) + timedelta(minutes=10)
 # Registry steps are idempotent (a retry finds what its attempt wrote); a server that is briefly
 # away gets a few tries, further apart each time.
 REGISTRY_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay": timedelta(seconds=20),
@@ -84,15 +90,11 @@ PARAMS = {
 def _run() -> tuple[Any, Any, str]:
     """This run's typed config, run folder and key: the first task freezes the config built from the
     Params in the run folder; every later task reads that copy (a profile edited mid-run changes nothing)."""
-    from ml.config import config_from_params
-    from ml.pipeline import freeze
-    from ml.runs import run_paths
-
     ctx = get_current_context()
     cfg = config_from_params(dict(ctx["params"]))
     run_key = f"{DAG_ID}__{ctx['run_id']}"
     paths = run_paths(cfg, run_key)
-    return freeze(cfg, paths), paths, run_key
+    return pipeline.freeze(cfg, paths), paths, run_key
 
 
 # The profile's dataset as an Airflow Asset: a run starts when an upstream job announces new data.
@@ -111,7 +113,7 @@ def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
 
 @dag(
     dag_id=DAG_ID,
-    schedule=_schedule(DEFAULT.schedule),
+    schedule=_schedule(DEFAULT.deploy.schedule),
     catchup=False,
     max_active_runs=1,
     params=PARAMS,
@@ -123,15 +125,11 @@ def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
 def retrain_lora() -> None:
     @task
     def load() -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, _ = _run()
         return asdict(pipeline.load(cfg, paths))
 
     @task(on_skipped_callback=RetrainNotifier("decision"))  # skipped: nothing changed, and people are told
     def preflight(snapshot: dict[str, Any]) -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, run_key = _run()
         ctx = get_current_context()
         reason = pipeline.preflight(cfg, paths, run_key, force=bool(ctx["params"].get("force")))
@@ -142,9 +140,6 @@ def retrain_lora() -> None:
 
     @task
     def validate(snapshot: dict[str, Any]) -> dict[str, Any]:
-        from ml import pipeline
-        from ml.errors import GateFailed
-
         cfg, paths, run_key = _run()
         try:
             return pipeline.validate(cfg, paths, run_key)
@@ -153,34 +148,26 @@ def retrain_lora() -> None:
 
     @task
     def prepare(gate: dict[str, Any]) -> dict[str, int]:
-        from ml import pipeline
-
         cfg, paths, _ = _run()
         return pipeline.prepare(cfg, paths)
 
     # The GPU steps go to the CUDA worker's queue; the trainer runs as a child process there
     # and checkpoints, so a retry resumes where a killed attempt stopped.
-    @task(queue=DEFAULT.train.queue, retries=DEFAULT.train.retries, retry_delay=timedelta(seconds=30),
+    @task(queue=DEFAULT.deploy.gpu_queue, retries=DEFAULT.deploy.train_retries, retry_delay=timedelta(seconds=30),
           execution_timeout=TRAIN_CAP)
     def train(splits: dict[str, int]) -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, run_key = _run()
         ti = get_current_context()["ti"]  # its "MLflow run" button opens the run while it trains
         return pipeline.train(cfg, paths, run_key, opened=lambda run_id: ti.xcom_push(key=RUN_URL_KEY,
                                                                                       value=run_url(run_id)))
 
-    @task(queue=DEFAULT.train.queue, execution_timeout=MODEL_WORK)
+    @task(queue=DEFAULT.deploy.gpu_queue, execution_timeout=MODEL_WORK)
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, _ = _run()
         return pipeline.evaluate(cfg, paths)
 
     @task(pool=REGISTRY_POOL, **REGISTRY_RETRIES)
     def register(evaluation: dict[str, Any]) -> dict[str, str]:
-        from ml import pipeline
-
         cfg, paths, run_key = _run()
         ctx = get_current_context()
         run_id, airflow_run = str(ctx["run_id"]), ctx["ti"].log_url.split("/tasks/")[0]  # with [api] base_url
@@ -194,28 +181,22 @@ def retrain_lora() -> None:
         return registered
 
     @task.branch
-    def decide(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
+    def promote_or_keep(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
         return "promote_champion" if evaluation["promote"] else "keep_champion"
 
-    # On the train queue: if @champion moved since evaluation, promotion scores the challenger again.
-    @task(pool=REGISTRY_POOL, queue=DEFAULT.train.queue, execution_timeout=MODEL_WORK, **REGISTRY_RETRIES)
+    # On the GPU queue: if @champion moved since evaluation, promotion scores the challenger again.
+    @task(pool=REGISTRY_POOL, queue=DEFAULT.deploy.gpu_queue, execution_timeout=MODEL_WORK, **REGISTRY_RETRIES)
     def promote_champion() -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, run_key = _run()
         return pipeline.promote(cfg, paths, run_key)  # moves @champion, keeps @previous_champion
 
     @task(pool=REGISTRY_POOL, **REGISTRY_RETRIES)
     def keep_champion() -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, _ = _run()
         return pipeline.keep(cfg, paths)  # tags the version rejected or needs_review; the aliases stay
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, on_success_callback=RetrainNotifier("decision"))
     def summary(snapshot: dict[str, Any], evaluation: dict[str, Any], registered: dict[str, str]) -> dict[str, Any]:
-        from ml import pipeline
-
         cfg, paths, _ = _run()
         decision = pipeline.final_decision(paths)
         print(f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
@@ -228,7 +209,7 @@ def retrain_lora() -> None:
     checked = preflight(load())  # skipped: so is everything after it, the summary included
     evaluation = evaluate(train(prepare(validate(checked))))
     registered = register(evaluation)
-    branch = decide(evaluation, registered)
+    branch = promote_or_keep(evaluation, registered)
     branch >> [promote_champion(), keep_champion()] >> summary(checked, evaluation, registered)
 
 

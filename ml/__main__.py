@@ -21,17 +21,12 @@ from typing import Any
 
 import yaml
 
-from ml import configure_logging
-from ml.config import (
-    PipelineConfig,
-    available_profiles,
-    load_config,
-    parse_overrides,
-    reference_markdown,
-    resolve_path,
-)
+from ml import configure_logging, pipeline
+from ml.config import PipelineConfig, available_profiles, load_config, parse_overrides, resolve_path
 from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict, RegistryUnavailable
-from ml.runs import run_paths
+from ml.prompt import PromptFormat
+from ml.runs import RunPaths, run_paths
+from ml.settings_reference import reference_markdown
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -59,10 +54,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                               "folder: drop --data and --report")
         return cmd_step(args)
     from ml.sources import load_records
-    from ml.validate import gate_tokenizer, validate
+    from ml.validate import gate, gate_tokenizer
 
     cfg = _config(args)
-    report = validate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
+    report = gate(load_records(cfg.data), cfg, gate_tokenizer(cfg))
     if args.report:
         json_path, html_path = report.write(Path(args.report))
         print(f"reports: {json_path} (GX validation result), {html_path}")
@@ -71,7 +66,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ml.prompt import PromptFormat
     from ml.sources import load_examples
     from ml.tiny import build_tiny_model
 
@@ -105,8 +99,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from ml import pipeline
-
     if args.command == "promote" and args.version:
         return cmd_manual(args)
     cfg = _config(args)
@@ -123,7 +115,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _needs_run_folder(step: str, paths: Any, args: argparse.Namespace) -> None:
+def _needs_run_folder(step: str, paths: RunPaths, args: argparse.Namespace) -> None:
     """Every step but `load` continues a run: its folder must exist, found by the same --run-key."""
     needed = {"validate": paths.data, "prepare": paths.data, "train": paths.splits, "evaluate": paths.train,
               "register": paths.reports, "promote": paths.reports, "keep": paths.reports}.get(step)
@@ -134,11 +126,12 @@ def _needs_run_folder(step: str, paths: Any, args: argparse.Namespace) -> None:
 
 def cmd_manual(args: argparse.Namespace) -> int:
     """A person's promotion (`promote --version N`) or rollback, with the pipeline's checks."""
-    from ml.registry import manual_move
+    from ml import champion, tracking
 
+    reg = _config(args).registry
     version = None if args.command == "rollback" else str(args.version)
     action = "rollback" if version is None else "promotion"
-    _print(manual_move(_config(args).registry, version, args.reason or "", action))
+    _print(champion.manual_move(tracking.connect(reg), reg, version, args.reason or "", action))
     return EXIT_OK
 
 
@@ -149,9 +142,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ml import pipeline
+    from ml.pipeline.local import run_all
 
-    _print(pipeline.run_all(_config(args), args.run_key, force=args.force))
+    _print(run_all(_config(args), args.run_key, force=args.force))
     return EXIT_OK
 
 

@@ -51,6 +51,6 @@ def train_here(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: 
     folder whose test split is then scored while the model is still loaded (ml/scoring.py)."""
     pick_backend(cfg.train.backend)
     from ml.scoring import after_training  # after Unsloth, as everything that imports transformers
-    from ml.train import train
+    from ml.train import finetune
 
-    return train(cfg, splits_dir, out_dir, callbacks, after_training(cfg, score_in) if score_in else None)
+    return finetune(cfg, splits_dir, out_dir, callbacks, after_training(cfg, score_in) if score_in else None)

@@ -3,15 +3,15 @@
 The defaults below are the shipped default profile (`pubmedqa-ko-llama31-8b`, the seed
 project's settings); a profile in ``ml/profiles/`` (or any path) states only what differs,
 and ``extends:`` names its parent. Each field's description is its one piece of
-documentation: it feeds the Airflow trigger form (`param_schemas`) and the reference in
-docs/settings.md (`reference_markdown`). Overrides come from the CLI
-(``--set train.learning_rate=1e-4``) or from Airflow Params (flat names, `PARAM_PATHS`);
-both go through the same validation, so a typo fails loudly instead of being ignored.
+documentation: it feeds the Airflow trigger form (ml/params.py) and the reference in
+docs/settings.md (ml/settings_reference.py). Overrides come from the CLI
+(``--set train.learning_rate=1e-4``) or from the trigger form; both go through the same
+validation, so a typo fails loudly instead of being ignored. Every field is either a training
+setting or an operational one (`ROLES`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -68,7 +68,7 @@ class DataConfig(_Strict):
     @property
     def is_local(self) -> bool:
         """A file or folder here, not a hub id."""
-        return _looks_local(self.source)
+        return looks_local(self.source)
 
     @property
     def uri(self) -> str:
@@ -193,19 +193,14 @@ class TrainConfig(_Strict):
         "Batches of similar lengths (less padding; another example order than random)."))
     seed: int = Field(3407, description="Random seed of LoRA initialisation, data order and dropout.")
     logging_steps: int = Field(1, gt=0, description="Log loss, learning rate and speed every N steps.")
-    queue: str = Field("gpu", description="Airflow queue of the train and evaluate tasks (the CUDA worker's).")
-    retries: int = Field(1, ge=0, description="Retries of the train task; a retry resumes from the last checkpoint.")
     save_steps: int = Field(20, gt=0, description=(
         "Checkpoint every N steps, so a retry resumes instead of starting over."))
     timeout_per_step_s: float = Field(60.0, gt=0, description=(
         "The train task's time limit: this many seconds per optimizer step (counted from max_steps, or "
-        "from the epochs and the training rows) plus timeout_startup_s, at most timeout_cap_h. A trainer "
-        "past it is killed; the retry resumes from its last checkpoint."))
+        "from the epochs and the training rows) plus timeout_startup_s, at most deploy.train_timeout_cap_h. A "
+        "trainer past it is stopped; the retry resumes from its last checkpoint."))
     timeout_startup_s: float = Field(1800.0, gt=0, description=(
         "Seconds allowed on top of the steps for imports, model loading and the final save."))
-    timeout_cap_h: float = Field(12.0, gt=0, le=168, description=(
-        "Upper bound of the train task's time limit, whatever the steps (also the Airflow task's own "
-        "execution_timeout)."))
     isolate: bool = Field(True, description=(
         "Train in a child process (`python -m ml train`): its CUDA memory is returned when it ends, and "
         "a crash or OOM fails the task instead of the worker."))
@@ -235,10 +230,9 @@ class TrainConfig(_Strict):
         per_epoch = math.ceil(train_rows / (self.per_device_train_batch_size * self.gradient_accumulation_steps))
         return math.ceil(per_epoch * self.num_train_epochs)
 
-    def timeout_s(self, train_rows: int) -> float:
-        """The train task's time limit for `train_rows` rows (see timeout_per_step_s)."""
-        budget = self.timeout_startup_s + self.optimizer_steps(train_rows) * self.timeout_per_step_s
-        return min(budget, self.timeout_cap_h * 3600)
+    def budget_s(self, train_rows: int) -> float:
+        """Seconds the trainer may take for `train_rows` rows, before the deploy cap (see timeout_per_step_s)."""
+        return self.timeout_startup_s + self.optimizer_steps(train_rows) * self.timeout_per_step_s
 
 
 class EvalConfig(_Strict):
@@ -284,11 +278,30 @@ class RegistryConfig(_Strict):
         "Artifact root of experiments created in a local (sqlite/file) store; an MLflow server proxies its own."))
 
 
+class DeployConfig(_Strict):
+    """How the DAG is deployed. Airflow reads these when it parses the DAG file, from the default
+    profile ($RETRAIN_PROFILE): a run's own profile (the trigger form's `profile`) cannot change them."""
+
+    schedule: str | None = Field("@weekly", description=(
+        "Airflow schedule of retraining (null: manual runs and new data only). Read from the default profile "
+        "when the DAG is parsed."))
+    gpu_queue: str = Field("gpu", description=(
+        "Airflow queue of the train, evaluate and promote tasks (the CUDA worker's). Read from the default "
+        "profile when the DAG is parsed."))
+    train_retries: int = Field(1, ge=0, description=(
+        "Retries of the train task; a retry resumes from the last checkpoint. Read from the default profile "
+        "when the DAG is parsed."))
+    train_timeout_cap_h: float = Field(12.0, gt=0, le=168, description=(
+        "Upper bound of the trainer's time limit, whatever the steps; the DAG's train task gets this plus 10 "
+        "minutes as its execution_timeout, read from the default profile when the DAG is parsed."))
+
+
 class PipelineConfig(_Strict):
     profile: str = Field(DEFAULT_PROFILE, description=(
-        "Configuration profile (ml/profiles/*.yaml, or $RETRAIN_PROFILES_DIR); the other fields override it."))
+        "Configuration profile (ml/profiles/*.yaml, or $RETRAIN_PROFILES_DIR); the other fields override it. "
+        "A run's profile cannot change its `deploy` settings (schedule, queue, retries, the train cap): the DAG "
+        "reads those from the default profile when it is parsed."))
     description: str = Field("", description="One line on what the profile is for.")
-    schedule: str | None = Field("@weekly", description="Airflow schedule of retraining (null: manual runs only).")
     output_dir: str = Field("state/runs", description="Where runs write snapshots, splits, adapters and reports.")
     form_roots: list[str] = Field(["data", "state"], description=(
         "Folders (relative to the project root, or absolute) that a local `dataset` or `base_model` given in "
@@ -301,6 +314,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
     registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig())
+    deploy: DeployConfig = Field(default_factory=lambda: DeployConfig())
 
     def flat(self) -> dict[str, Any]:
         """Every field as dotted-name -> value: what MLflow logs as params."""
@@ -316,65 +330,51 @@ class PipelineConfig(_Strict):
         walk("", self.model_dump(mode="json"))
         return out
 
+    def training_settings(self) -> dict[str, Any]:
+        """The training settings (`ROLES`), dotted name -> value: what the skip-when-unchanged hash
+        counts and the review card compares with the champion's."""
+        return {k: v for k, v in self.flat().items() if role(k) == "training"}
+
+    def train_time_limit_s(self, train_rows: int) -> float:
+        """The trainer's time limit for `train_rows` rows: its budget, at most the deploy cap."""
+        return min(self.train.budget_s(train_rows), self.deploy.train_timeout_cap_h * 3600)
+
 
 SECTIONS: dict[str, type[_Strict]] = {
     name: field.annotation for name, field in PipelineConfig.model_fields.items()  # type: ignore[misc]
     if isinstance(field.annotation, type) and issubclass(field.annotation, _Strict)}
 
-# The trigger form's fields (Airflow Params): form name -> config field. Their descriptions and
-# bounds come from the fields (`param_schemas`).
-PARAM_PATHS: dict[str, str] = {
-    "dataset": "data.source",
-    "dataset_split": "data.split",
-    "base_model": "model.base_model",
-    "learning_rate": "train.learning_rate",
-    "max_steps": "train.max_steps",
-    "num_train_epochs": "train.num_train_epochs",
-    "lora_r": "lora.r",
-    "lora_alpha": "lora.alpha",
-    "min_delta": "registry.min_delta",
+# Every setting is either `training`: it may change the trained adapter (numerical noise included),
+# or `operational`: where, when and how a run is supervised, judged and recorded. The hash behind
+# "skip when data and config are unchanged" (ml/identity.py `config_hash`) counts only training
+# settings, and the review card lists only those that differ from the champion's. An entry names a
+# field or a whole section; each field matches exactly one (tests/test_config.py checks every field).
+# The data's content is the fingerprint's business: where it is read from is operational.
+ROLES: dict[str, tuple[str, ...]] = {
+    "training": (
+        "data.columns", "data.id_column", "data.decision_column", "data.lead_with_decision", "data.val_fraction",
+        "data.test_fraction", "data.instruction", "data.question_label", "data.contexts_label",
+        "model", "lora",
+        "train.backend", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+        "train.warmup_steps", "train.warmup_ratio", "train.max_steps", "train.num_train_epochs",
+        "train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.weight_decay",
+        "train.gradient_checkpointing", "train.uncheckpointed_layers", "train.pad_to_multiple_of", "train.packing",
+        "train.loss_head", "train.padding_free", "train.group_by_length", "train.seed"),
+    "operational": (
+        "profile", "description", "output_dir", "form_roots", "data.source", "data.split", "data.revision",
+        "validation", "eval", "registry", "deploy",
+        "train.logging_steps", "train.save_steps", "train.timeout_per_step_s", "train.timeout_startup_s",
+        "train.isolate", "train.warm_up_later_steps"),
 }
-_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
 
 
-def field_schema(dotted: str) -> dict[str, Any]:
-    """JSON schema of one config field (`train.learning_rate`): type, bounds, description."""
-    section, _, name = dotted.partition(".")
-    model = SECTIONS.get(section) if name else PipelineConfig
-    properties = model.model_json_schema()["properties"] if model else {}
-    if (name or section) not in properties:
-        raise ConfigError(f"no config field {dotted!r}")
-    return {k: v for k, v in properties[name or section].items() if k in _SCHEMA_KEYS}
-
-
-def param_schemas() -> dict[str, dict[str, Any]]:
-    """The trigger form: each Param's JSON schema from its config field. Nullable, because an
-    empty field keeps the profile's value; the bounds apply to a value that is given."""
-    out = {}
-    for param, dotted in PARAM_PATHS.items():
-        schema = field_schema(dotted)
-        out[param] = {**schema, "type": ["null", schema["type"]]}
-    return out
-
-
-def reference_markdown() -> str:
-    """Every setting with its default and description: docs/settings.md."""
-    defaults = PipelineConfig().model_dump(mode="json")
-    lines = ["# Every setting", "", "Generated by `python -m ml config --reference > docs/settings.md` from the field",
-             "descriptions in `ml/config.py`; the defaults are the default profile's. Profiles, overrides and the",
-             "environment: [configuration.md](configuration.md).", ""]
-    sections: list[tuple[str, type[BaseModel]]] = [("", PipelineConfig), *SECTIONS.items()]
-    for section, model in sections:
-        lines += [f"## `{section}`" if section else "## top level", "", "| key | default | what |",
-                  "| --- | --- | --- |"]
-        for name, field in model.model_fields.items():
-            if name in SECTIONS and not section:
-                continue
-            value = defaults[section][name] if section else defaults[name]
-            text = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | `{json.dumps(value, ensure_ascii=False)}` | {text} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
+def role(dotted: str) -> str:
+    """`training` or `operational` (`ROLES`), for a dotted field name."""
+    section = dotted.split(".")[0]
+    found = [r for r, entries in ROLES.items() for e in entries if e in (dotted, section)]
+    if len(found) != 1:
+        raise ConfigError(f"setting {dotted!r} is {'classified twice' if found else 'not classified'} in ROLES")
+    return found[0]
 
 
 def project_root() -> Path:
@@ -460,25 +460,7 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
         raise ConfigError(f"invalid configuration (profile {name!r}): {problems}") from None
 
 
-def config_from_params(params: dict[str, Any]) -> PipelineConfig:
-    """Airflow Params -> config. A None/empty Param means "keep the profile's value"."""
-    overrides = {PARAM_PATHS[k]: v for k, v in params.items()
-                 if k in PARAM_PATHS and v not in (None, "")}
-    profile = params.get("profile") or None
-    if profile is not None and profile not in available_profiles():  # a name, never a path to some file
-        raise ConfigError(f"unknown profile {profile!r}: a run takes one of {', '.join(available_profiles())}")
-    cfg = load_config(profile, overrides)
-    roots = [resolve_path(r).resolve() for r in cfg.form_roots]
-    for param in ("dataset", "base_model"):
-        value = params.get(param)
-        local = resolve_path(value).resolve() if value and _looks_local(value) else None
-        if local is not None and not any(local.is_relative_to(root) for root in roots):
-            raise ConfigError(f"{param} {value!r} is outside the folders the trigger form may read "
-                              f"({', '.join(cfg.form_roots)}: form_roots)")
-    return cfg
-
-
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     """A path here, not a hub id (`org/name`)."""
     return value.startswith((".", "/", "~")) or resolve_path(value).exists() or value.endswith(LOCAL_SUFFIXES)
 

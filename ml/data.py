@@ -26,6 +26,7 @@ from typing import Any
 
 from ml.config import CANONICAL_COLUMNS, DataConfig
 from ml.errors import DataError
+from ml.runs import SNAPSHOT, SNAPSHOT_ROWS, split_file
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +173,15 @@ def read_jsonl(path: Path) -> list[QAExample]:
 
 
 def read_snapshot(out_dir: Path) -> list[dict[str, Any]]:
-    return _read_lines(out_dir / "snapshot.jsonl")
+    return _read_lines(out_dir / SNAPSHOT_ROWS)
 
 
 def write_snapshot(records: Sequence[dict[str, Any]], source: str, out_dir: Path) -> Snapshot:
     """Freeze canonical records, so later steps and reruns see the same rows (ml/sources.py loads them)."""
-    path = out_dir / "snapshot.jsonl"
+    path = out_dir / SNAPSHOT_ROWS
     _write_lines(records, path)
     snap = Snapshot(str(path), fingerprint(records), len(records), source)
-    (out_dir / "snapshot.json").write_text(json.dumps(asdict(snap), indent=2))
+    (out_dir / SNAPSHOT).write_text(json.dumps(asdict(snap), indent=2))
     log.info("snapshot of %s: %d rows, fingerprint %s", source, snap.rows, snap.fingerprint[:12])
     return snap
 
@@ -214,11 +215,11 @@ def split_examples(examples: Sequence[QAExample], cfg: DataConfig) -> dict[str, 
 
 def write_splits(parts: dict[str, list[QAExample]], out_dir: Path) -> dict[str, int]:
     for name, rows in parts.items():
-        write_jsonl(rows, out_dir / f"{name}.jsonl")
+        write_jsonl(rows, split_file(out_dir, name))
     counts = {name: len(rows) for name, rows in parts.items()}
     log.info("split: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts
 
 
 def read_split(splits_dir: Path, name: str) -> list[QAExample]:
-    return read_jsonl(splits_dir / f"{name}.jsonl")
+    return read_jsonl(split_file(splits_dir, name))

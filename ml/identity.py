@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ml.config import PipelineConfig
 from ml.data import QAExample, normalize_question
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -109,3 +110,9 @@ def trained_on(test: Sequence[QAExample], trained: dict[str, list[str]]) -> set[
 
 def keys_hash(keys: Iterable[str]) -> str:
     return _short(hashlib.sha256("\n".join(sorted(keys)).encode()))
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """The training settings (ml.config `ROLES`) as a short hash: equal hashes train the same way."""
+    body = json.dumps(cfg.training_settings(), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -8,15 +8,18 @@ A challenger replaces the champion (or, before there is one, the bare base model
    loss per answer token and its confidence interval, whose lower bound must exceed `min_delta`.
 When (1) fails the decision is `needs_review`, never an automatic promotion; when (2) fails it is
 `keep`. Every reason carries the numbers, and per answer byte (nats, tokenizer-independent) too.
+A champion moved by a person after a run was evaluated is never overridden (`overruled`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
+
+from ml.config import RegistryConfig
 
 Outcome = Literal["promote", "keep", "needs_review"]
 
@@ -45,6 +48,20 @@ class Scores:
     def nats_per_byte(self) -> float:
         """Loss per byte of the scored answer text: comparable across tokenizers."""
         return sum(r.nll for r in self.rows) / max(1, sum(r.answer_bytes for r in self.rows))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The rule's settings (registry.min_delta, confidence, bootstrap_resamples, bootstrap_seed, min_rows)."""
+    min_delta: float
+    confidence: float
+    resamples: int
+    seed: int
+    min_rows: int
+
+    @classmethod
+    def of(cls, reg: RegistryConfig) -> Rule:
+        return cls(reg.min_delta, reg.confidence, reg.bootstrap_resamples, reg.bootstrap_seed, reg.min_rows)
 
 
 @dataclass(frozen=True)
@@ -97,10 +114,11 @@ def paired_bootstrap(challenger: Sequence[RowScore], baseline: Sequence[RowScore
     return Interval(improvement, float(low), float(high), confidence, resamples, seed)
 
 
-def decide(challenger: Scores, baseline: Scores, baseline_name: str, *, min_delta: float, confidence: float,
-           resamples: int, seed: int, min_rows: int, exclude: Collection[str] = ()) -> Decision:
+def decide(challenger: Scores, baseline: Scores, baseline_name: str, rule: Rule,
+           exclude: Collection[str] = ()) -> Decision:
     """The decision on `challenger` vs `baseline`, over the rows both scored minus `exclude` (the
     champion's training rows)."""
+    min_delta, confidence, resamples, seed = rule.min_delta, rule.confidence, rule.resamples, rule.seed
     base_rows = {r.key: r for r in baseline.rows}
     kept = [r for r in challenger.rows if r.key in base_rows and r.key not in exclude]
     dropped = sum(1 for r in challenger.rows if r.key in exclude)
@@ -118,9 +136,9 @@ def decide(challenger: Scores, baseline: Scores, baseline_name: str, *, min_delt
     if challenger.tokenizer != baseline.tokenizer:
         return review(f"the challenger and {baseline_name} use different tokenizers, so their losses per token "
                       f"({c.loss:.4f} vs {b.loss:.4f}) count different units")
-    if len(kept) < min_rows:
+    if len(kept) < rule.min_rows:
         gone = f" ({dropped} dropped: {baseline_name} trained on them)" if dropped else ""
-        return review(f"only {len(kept)} comparable test rows{gone}, fewer than registry.min_rows={min_rows}")
+        return review(f"only {len(kept)} comparable test rows{gone}, fewer than registry.min_rows={rule.min_rows}")
     changed = sum(1 for x, y in zip(pairs_c, pairs_b, strict=True)
                   if (x.tokens, x.answer_bytes) != (y.tokens, y.answer_bytes))
     if changed:
@@ -141,3 +159,24 @@ def decide(challenger: Scores, baseline: Scores, baseline_name: str, *, min_delt
                    f"only improvements above about {min_delta + half:.3f} can be told from noise")
     return Decision("promote" if promote else "keep", reason=reason, improvement=iv.improvement, low=iv.low,
                     high=iv.high, confidence=confidence, resamples=resamples, seed=seed, **common)  # type: ignore[arg-type]
+
+
+def judge(scores: Mapping[str, Any], rule: Rule) -> Decision:
+    """The decision on a run's scores record (ml/scoring.py): its challenger against its comparator,
+    leaving out the comparator's training rows. A reason for review found while scoring (the base
+    model changed under the champion, a champion that records no training rows) makes it
+    needs_review whatever the numbers say."""
+    challenger = Scores([RowScore(**r) for r in scores["challenger"]["rows"]], scores["identity"]["tokenizer"])
+    baseline = Scores([RowScore(**r) for r in scores["baseline"]["rows"]], scores["baseline_tokenizer"])
+    decision = decide(challenger, baseline, scores["baseline_name"], rule, set(scores["excluded_rows"]))
+    if scores["review"] and decision.outcome != "needs_review":
+        decision = replace(decision, outcome="needs_review",
+                           reason=f"NEEDS REVIEW: {scores['review']}; scores: {decision.reason}")
+    return decision
+
+
+def overruled(decision: Decision, alias: str, now: str | None, set_by: str) -> Decision:
+    """A promotion that a person's later move of the alias (to version `now`) stops: needs_review."""
+    reason = (f"NEEDS REVIEW: @{alias} was moved by hand ({set_by}) to v{now} after this run was evaluated against "
+              f"{decision.baseline}; a person's choice is not overridden. Scores then: {decision.reason}")
+    return replace(decision, outcome="needs_review", reason=reason)

@@ -13,10 +13,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ml.config import role
+
 HEADINGS = {"promote": "PROMOTED to @champion", "keep": "Kept out: the champion stays",
             "needs_review": "NEEDS REVIEW: nothing moved"}
-# Settings that say where a run writes or what it is called, not how it trains.
-NOT_COMPARED = ("output_dir", "description", "schedule", "profile", "form_roots")
 
 
 def _cell(text: Any, limit: int = 220) -> str:
@@ -31,12 +31,12 @@ def param_value(value: Any) -> str:
 
 
 def config_changes(this: Mapping[str, Any], champion: Mapping[str, str] | None) -> list[tuple[str, str, str]]:
-    """(setting, the champion's value, this run's) for every training setting that differs
-    (`champion`: its MLflow run's params, values as logged; what else its run logged, such as the
-    logged model's own params, is not a setting)."""
+    """(setting, the champion's value, this run's) for every training setting (ml.config `ROLES`)
+    that differs (`champion`: its MLflow run's params, values as logged; what else its run logged,
+    such as the logged model's own params, is not a setting)."""
     if champion is None:
         return []
-    keys = sorted(k for k in this if k.split(".")[0] not in NOT_COMPARED)
+    keys = sorted(k for k in this if role(k) == "training")
     return [(k, champion.get(k, "-"), param_value(this[k])) for k in keys if champion.get(k) != param_value(this[k])]
 
 

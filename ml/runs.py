@@ -1,7 +1,14 @@
-"""The run folder: where each step of one pipeline run reads and writes its files.
+"""The run folder: where each step of one pipeline run reads and writes its files, all named here.
 
 Steps share nothing but this folder (named after the run key, e.g. the Airflow run id), so a
 retried task repeats only its own step, and a worker that shares the folder can run any step.
+
+    config.json                 the run's effective config, frozen by its first step
+    data/snapshot.jsonl, .json  the rows as loaded, and their fingerprint
+    splits/<split>.jsonl        train, validation, test
+    champion/                   the champion it competes with, as fetched (champion.json says which)
+    train/                      what the trainer writes (`TrainFiles`): adapter, result, curve, checkpoints
+    reports/                    validation, splits, scores, evaluation, train rows, links, registered
 """
 
 from __future__ import annotations
@@ -15,7 +22,42 @@ from typing import Any
 from ml.config import PipelineConfig, resolve_path
 from ml.errors import ConfigError
 
-TRAIN_METRICS = "metrics.jsonl"  # in train/: what the trainer logs as it trains, a JSON line a record
+SNAPSHOT_ROWS, SNAPSHOT = "snapshot.jsonl", "snapshot.json"  # in data/
+CHAMPION_FILE = "champion.json"  # in champion/: {"champion": <Champion> or null}
+
+
+def split_file(folder: Path, name: str) -> Path:
+    """A split's rows (train, validation, test) in a splits folder, a JSON line a row."""
+    return folder / f"{name}.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    """What the trainer writes in its output folder: a run's train/, or any folder given to it."""
+    root: Path
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def result(self) -> Path:
+        """The summary (ml.train.TrainResult)."""
+        return self.root / "train_result.json"
+
+    @property
+    def history(self) -> Path:
+        """transformers' log history, a JSON list."""
+        return self.root / "log_history.json"
+
+    @property
+    def metrics(self) -> Path:
+        """Each logged record as a JSON line, appended while training: what the train step relays to MLflow."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -23,29 +65,74 @@ class RunPaths:
     root: Path
 
     @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
+
+    @property
+    def snapshot(self) -> Path:
+        """The snapshot's record: source, rows, fingerprint (ml.data.Snapshot)."""
+        return self.data / SNAPSHOT
 
     @property
     def splits(self) -> Path:
         return self.root / "splits"
 
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
+    def split(self, name: str) -> Path:
+        return split_file(self.splits, name)
 
     @property
     def champion(self) -> Path:
         return self.root / "champion"
 
     @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def trained(self) -> TrainFiles:
+        return TrainFiles(self.train)
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def validation(self) -> Path:
+        """The gate's GX validation result (an HTML page beside it)."""
+        return self.reports / "validation.json"
+
+    @property
+    def split_counts(self) -> Path:
+        return self.reports / "splits.json"
+
+    @property
     def scores(self) -> Path:
         """Challenger and comparator scored on the test split (ml/scoring.py)."""
         return self.reports / "scores.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """The scores that were judged and the decision (ml/evaluation.py)."""
+        return self.reports / "evaluation.json"
+
+    @property
+    def train_rows(self) -> Path:
+        """Content hashes of the training rows (ml.identity.row_hashes)."""
+        return self.reports / "train_rows.json"
+
+    @property
+    def links(self) -> Path:
+        """Where the run can be seen (the Airflow run, its task logs), for the review card."""
+        return self.reports / "links.json"
+
+    @property
+    def registered(self) -> Path:
+        """The MLflow run and model version register wrote (ml.registry.Registered)."""
+        return self.reports / "registered.json"
 
 
 @dataclass(frozen=True)
@@ -60,9 +147,6 @@ class Champion:
     base_identity: str | None  # what the base was when it trained (ml.identity.base_identity)
     prompt_format: dict[str, Any] | None  # the prompt settings it was trained and logged with
     trained_rows: dict[str, list[str]] | None  # content hashes of its training rows (ml.identity.row_hashes)
-
-
-CHAMPION_FILE = "champion.json"  # in RunPaths.champion: {"champion": <Champion> or null}
 
 
 def write_champion(folder: Path, champ: Champion | None) -> None:

@@ -5,14 +5,14 @@ run's adapter) and scores it, then its comparator on the same rows, each with it
 settings: the champion (its adapter loaded beside the challenger's when both share the base
 weights, else a model of its own) or, before there is one, the bare base model (the adapter
 switched off). It writes the run's `reports/scores.json`: per-row scores, sample answers, and the
-identities the promotion rule checks. The decision itself is ml/promotion.py's, taken by the
-evaluate step (ml/pipeline.py).
+identities the promotion rule checks. The decision itself is ml/promotion.py's, recorded by
+ml/evaluation.py.
 
 Two callers. The trainer, right after it saved the adapter, while the model is still loaded
 (`eval.score_while_loaded`; the train task fetched the champion into the run folder first), so
-the base model is loaded once per run. The evaluate step, which loads the model and scores only
-when those scores are missing or no longer current (ml/pipeline.py `current_scores`): another
-adapter on disk, other test rows, or @champion moved since.
+the base model is loaded once per run. The evaluate step (or promote, when @champion moved since),
+which loads the model and scores (`score_again`) only when those scores are missing or no longer
+stand (ml/evaluation.py): another adapter on disk, other test rows, or @champion moved since.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
     lap("challenger loss")
     identity = {"base_identity": base_identity(m.base_model, model_ref(m), getattr(model.config, "_commit_hash", None),
                                                m.revision),
-                "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.train / "adapter"),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.trained.adapter),
                 "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
     lap("identities")
     shown = sample_rows(tokenizer, test, fmt, cfg.eval.num_sample_generations, cfg.eval.max_new_tokens)
@@ -101,6 +101,12 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, cham
     log.info("scored in the %s in %.1fs (%s)", where, record["seconds"],
              ", ".join(f"{name} {sec:.2f}s" for name, sec in parts.items()))
     return record
+
+
+def score_again(cfg: PipelineConfig, paths: RunPaths, champ: Champion | None, where: str) -> dict[str, Any]:
+    """Load the challenger (the base model with this run's adapter) and score it against `champ`."""
+    model, tokenizer = load_with_adapter(cfg.model, paths.trained.adapter)
+    return score(cfg, paths, model, tokenizer, champ, where)
 
 
 def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Any, Any], None] | None:

@@ -1,20 +1,26 @@
-"""MLflow runs, beside the registry's versions and aliases (ml/registry.py): the tracking server and
-its experiment, the run of a training attempt while it trains, the runs of retrains that did not
-train (skipped, stopped at the gate), and a run's data as dataset inputs.
+"""MLflow runs, beside the registry's versions (ml/registry.py) and aliases (ml/champion.py): the
+connection to the tracking server and its experiment, the run of a training attempt while it
+trains, the evidence register adds to it (metrics, reports, plots, the data as dataset inputs),
+and the runs of retrains that did not train (skipped, stopped at the gate).
 
 Every run carries its pipeline run key (`RUN_KEY_TAG`), so that a retried task finds its own.
+A step connects once (`connect`) and passes the client on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,9 +37,11 @@ from mlflow.exceptions import MlflowException
 from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
 from ml.data import read_split
 from ml.errors import RegistryUnavailable
-from ml.identity import adapter_hash
+from ml.identity import adapter_hash, config_hash
+from ml.plots import loss_curve
+from ml.promotion import Decision
 from ml.review_card import param_value
-from ml.runs import TRAIN_METRICS
+from ml.runs import RunPaths, TrainFiles
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,7 @@ ADAPTER_TAG = "adapter_sha256"  # of the adapter a training run wrote, and a ver
 
 
 def connect(reg: RegistryConfig) -> MlflowClient:
+    """A client of the configured tracking server; the process's fluent MLflow calls use it too."""
     if reg.tracking_uri:
         mlflow.set_tracking_uri(reg.tracking_uri)
     # MLflow's own defaults wait 120 s per request and retry 7 times with backoff: minutes per call
@@ -57,23 +66,24 @@ def connect(reg: RegistryConfig) -> MlflowClient:
     return MlflowClient()
 
 
-def check_writable(reg: RegistryConfig) -> None:
+def check_writable(reg: RegistryConfig) -> MlflowClient:
     """Before any training: the tracking server answers and takes this user's writes (the run's
-    experiment exists or is created, and gets a tag). Fails naming the tracking URI."""
+    experiment exists or is created, and gets a tag); returns the connected client. Fails naming
+    the tracking URI."""
     uri = mlflow.get_tracking_uri() if not reg.tracking_uri else reg.tracking_uri
     try:
         client = connect(reg)
-        experiment_id = ensure_experiment(reg)
+        experiment_id = ensure_experiment(client, reg)
         client.set_experiment_tag(experiment_id, "pipeline.last_check", datetime.now(UTC).isoformat(timespec="seconds"))
     except (MlflowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RegistryUnavailable(
             f"MLflow at {uri} cannot be used by this run (nothing was trained): {first[:300]}. "
             "Check MLFLOW_TRACKING_URI, the server, and MLFLOW_TRACKING_USERNAME/PASSWORD") from exc
+    return client
 
 
-def ensure_experiment(reg: RegistryConfig) -> str:
-    client = connect(reg)
+def ensure_experiment(client: MlflowClient, reg: RegistryConfig) -> str:
     exp = client.get_experiment_by_name(reg.experiment)
     if exp is not None:
         return str(exp.experiment_id)
@@ -101,9 +111,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def log_skipped(cfg: PipelineConfig, run_key: str, reason: str, snapshot: dict[str, Any]) -> str:
+def log_skipped(client: MlflowClient, cfg: PipelineConfig, run_key: str, reason: str,
+                snapshot: dict[str, Any]) -> str:
     """A finished run that says why this retrain did not train: nothing changed since the champion."""
-    experiment_id = ensure_experiment(cfg.registry)
+    experiment_id = ensure_experiment(client, cfg.registry)
     tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "skipped", "decision": "skipped", "decision_reason": reason,
             "data_fingerprint": snapshot["fingerprint"], "profile": cfg.profile, "mlflow.note.content": reason}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (skipped)", tags=tags) as run:
@@ -111,16 +122,17 @@ def log_skipped(cfg: PipelineConfig, run_key: str, reason: str, snapshot: dict[s
     return str(run.info.run_id)
 
 
-def log_failed_validation(cfg: PipelineConfig, run_key: str, run_dir: Path, snapshot: dict[str, Any]) -> str:
+def log_failed_validation(client: MlflowClient, cfg: PipelineConfig, run_key: str, paths: RunPaths,
+                          snapshot: dict[str, Any]) -> str:
     """A run that records why a retrain stopped at the gate: tags, the reports, status FAILED.
 
     No model, no version: the registry itself is untouched."""
-    experiment_id = ensure_experiment(cfg.registry)
+    experiment_id = ensure_experiment(client, cfg.registry)
     tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "validation", "validation": "failed",
             "data_fingerprint": snapshot["fingerprint"], "data_source": snapshot["source"], "profile": cfg.profile}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (gate failed)", tags=tags) as run:
         mlflow.log_metric("dataset_rows", snapshot["rows"])
-        for report in sorted((run_dir / "reports").glob("validation.*")):
+        for report in sorted(paths.reports.glob(paths.validation.stem + ".*")):
             mlflow.log_artifact(str(report), "reports")
         mlflow.end_run(status="FAILED")
     log.info("gate failure logged as MLflow run %s", run.info.run_id)
@@ -150,14 +162,16 @@ class TrainingRun:
     training that fails leaves the run FAILED with the output's tail as `train/log_tail.txt`;
     register continues a finished one with everything else and the version."""
 
-    def __init__(self, cfg: PipelineConfig, run_key: str, train_dir: Path, every_s: float = 2.0) -> None:
-        self.cfg, self.run_key, self.train_dir, self.every_s = cfg, run_key, train_dir, every_s
-        self.file = train_dir / TRAIN_METRICS
+    def __init__(self, client: MlflowClient, cfg: PipelineConfig, run_key: str, train_dir: Path,
+                 every_s: float = 2.0) -> None:
+        self.client, self.cfg, self.run_key, self.every_s = client, cfg, run_key, every_s
+        self.files = TrainFiles(train_dir)
+        self.file = self.files.metrics
         self.offset, self.stop, self.thread = 0, threading.Event(), threading.Thread(target=self._poll, daemon=True)
         self.run_id = ""
 
     def __enter__(self) -> TrainingRun:
-        experiment_id = ensure_experiment(self.cfg.registry)
+        experiment_id = ensure_experiment(self.client, self.cfg.registry)
         mlflow.set_system_metrics_sampling_interval(self.every_s)
         mlflow.set_system_metrics_samples_before_logging(1)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_key, log_system_metrics=True,
@@ -180,7 +194,7 @@ class TrainingRun:
             lines = f.readlines()
         complete = [line for line in lines if line.endswith("\n")]  # a line being written waits
         self.offset += sum(len(line.encode("utf-8")) for line in complete)
-        log_batches(MlflowClient(), self.run_id, curve_metrics([json.loads(line) for line in complete]))
+        log_batches(self.client, self.run_id, curve_metrics([json.loads(line) for line in complete]))
 
     def _poll(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -196,7 +210,7 @@ class TrainingRun:
         if error is not None:
             mlflow.log_text(str(error), "train/log_tail.txt")
         else:  # which adapter it wrote: register continues only the run of the adapter it registers
-            mlflow.set_tag(ADAPTER_TAG, adapter_hash(self.train_dir / "adapter"))
+            mlflow.set_tag(ADAPTER_TAG, adapter_hash(self.files.adapter))
         mlflow.end_run("FAILED" if error is not None else "FINISHED")
 
 
@@ -213,10 +227,110 @@ def training_run(client: MlflowClient, experiment_id: str, run_key: str, adapter
     return None
 
 
+def run_record(cfg: PipelineConfig, run_key: str, ev: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any],
+               tags: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a run's evidence, from its evaluation, snapshot and training records; `tags`
+    (the Airflow run, say) are added to the run's own."""
+    decision = ev["decision"]
+    metrics = {"test_loss": ev["challenger"]["loss"], "baseline_test_loss": ev["baseline"]["loss"],
+               "test_answer_tokens": ev["challenger"]["tokens"], "final_train_loss": trained["train_loss"],
+               "train_runtime_s": trained["runtime_s"], "train_examples": trained["train_examples"],
+               "truncated_train_examples": trained["truncated_examples"], "dataset_rows": snap["rows"],
+               "test_rows_compared": decision["rows"]}
+    interval = {"challenger_nats_per_byte": decision["challenger_nats_per_byte"],
+                "baseline_nats_per_byte": decision["baseline_nats_per_byte"], "improvement": decision["improvement"],
+                "improvement_low": decision["low"], "improvement_high": decision["high"]}
+    metrics.update({k: v for k, v in interval.items() if v is not None})
+    if trained["eval_loss"] is not None:
+        metrics["final_val_loss"] = trained["eval_loss"]
+    for prefix, result in (("", ev["challenger"]), ("baseline_", ev["baseline"])):
+        if result.get("decision_accuracy") is not None:
+            metrics[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
+    if ev.get("decision_majority_share") is not None:
+        metrics["test_decision_majority_share"] = ev["decision_majority_share"]
+    run_tags = {RUN_KEY_TAG: run_key, "base_model": cfg.model.base_model, "profile": cfg.profile,
+                "decision": decision["outcome"], "data_fingerprint": snap["fingerprint"],
+                "data_source": snap["source"], "config_sha256": config_hash(cfg), **ev["identity"], **tags}
+    commit = git_commit()
+    if commit:
+        run_tags["mlflow.source.git.commit"] = commit
+    return metrics, run_tags
+
+
+@contextlib.contextmanager
+def evidence_run(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, run_key: str, *,
+                 metrics: dict[str, float], tags: dict[str, str], decision: Decision,
+                 samples: list[dict[str, str]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The run that holds a version's evidence, active inside the block: the training run of this
+    adapter continued (it has the curve and system metrics already), else a new one with the params
+    and the curve. It gets the metrics, the data as dataset inputs, the decision, the loss plot, the
+    run folder's reports and the sample answers; yields (run id, the logged datasets), for the model
+    and its version to be logged inside it. `tags` must carry the adapter's hash (ADAPTER_TAG)."""
+    experiment_id = ensure_experiment(client, cfg.registry)
+    training = training_run(client, experiment_id, run_key, tags[ADAPTER_TAG])
+    _close_abandoned(client, experiment_id, run_key, keep=training)
+    history = json.loads(paths.trained.history.read_text())
+    # tagged from its first write, so that a retry finds what a killed attempt left (_close_abandoned)
+    opened = (mlflow.start_run(run_id=training, log_system_metrics=False, tags=tags) if training else
+              mlflow.start_run(experiment_id=experiment_id, run_name=run_key, tags=tags))
+    with opened as run:
+        run_id = run.info.run_id
+        if training is None:  # trained without a supervising run: its params and curve from here
+            mlflow.log_params({k: param_value(v) for k, v in cfg.flat().items()})
+            metrics_file = paths.trained.metrics
+            records = ([json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()]
+                       if metrics_file.exists() else history)
+            log_batches(client, run_id, curve_metrics(records))
+        mlflow.log_metrics(metrics)
+        datasets = log_datasets(cfg, paths, tags["data_fingerprint"])
+        mlflow.log_dict(asdict(decision), "reports/decision.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = loss_curve(history, Path(tmp) / "loss_curve.png", title=f"{cfg.profile}: {run_key}",
+                             test_losses={"challenger (test)": decision.challenger_loss,
+                                          f"{decision.baseline} (test)": decision.baseline_loss})
+            mlflow.log_artifact(str(png), "reports")
+        for report in sorted(paths.reports.glob("*")):
+            mlflow.log_artifact(str(report), "reports")
+        if samples:
+            mlflow.log_table(pd.DataFrame(samples), artifact_file="reports/sample_generations.json")
+        yield run_id, datasets
+
+
+def finish_run(client: MlflowClient, run_id: str) -> None:
+    """A run left unfinished by an attempt killed after registering: everything before the version was
+    written (the version comes last in the run), so it is marked FINISHED."""
+    status = client.get_run(run_id).info.status
+    if status != "FINISHED":
+        log.warning("finishing run %s, left %s by an attempt that stopped after registering", run_id, status)
+        client.set_terminated(run_id, "FINISHED")
+
+
+def _close_abandoned(client: MlflowClient, experiment_id: str, run_key: str, keep: str | None = None) -> None:
+    """Runs of this run key left RUNNING by an attempt that stopped before it registered a version
+    (killed, or the server went away): marked KILLED, so that only the retry's run looks alive
+    (`keep`: the training run the retry continues)."""
+    for run in client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}' and "
+                                                   "attributes.status = 'RUNNING'"):
+        if run.info.run_id == keep or client.search_model_versions(f"run_id='{run.info.run_id}'"):
+            continue  # it registered a version (of another adapter): not abandoned
+        log.warning("closing run %s of %s, left RUNNING by an attempt that stopped before registering",
+                    run.info.run_id, run_key)
+        client.set_tag(run.info.run_id, "pipeline.note", "an attempt stopped before registering; a retry took over")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_params(client: MlflowClient, run_id: str) -> dict[str, str] | None:
+    """The params an MLflow run logged (a champion's settings), or None if the run is gone."""
+    try:
+        return dict(client.get_run(run_id).data.params)
+    except MlflowException:
+        return None
+
+
 SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "test"}
 
 
-def log_datasets(cfg: PipelineConfig, run_dir: Path, fingerprint: str) -> dict[str, Any]:
+def log_datasets(cfg: PipelineConfig, paths: RunPaths, fingerprint: str) -> dict[str, Any]:
     """The run's data as MLflow dataset inputs (the Datasets panel): each split file from the configured
     source under the snapshot's fingerprint, in its context (training, validation, test)."""
     d = cfg.data
@@ -229,7 +343,7 @@ def log_datasets(cfg: PipelineConfig, run_dir: Path, fingerprint: str) -> dict[s
     name = Path(d.source).stem if d.is_local else d.source
     logged = {}
     for split, context in SPLIT_CONTEXTS.items():
-        rows = read_split(run_dir / "splits", split)
+        rows = read_split(paths.splits, split)
         if not rows:
             continue
         frame = pd.DataFrame([{"key": ex.key, "QUESTION": ex.question, "CONTEXTS": list(ex.contexts),

@@ -34,7 +34,7 @@ from ml.data import read_split
 from ml.errors import DataError
 from ml.modeling import load_for_training
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
-from ml.runs import TRAIN_METRICS
+from ml.runs import TrainFiles
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,17 @@ class TrainResult:
 
     @classmethod
     def read(cls, out_dir: Path) -> TrainResult:
-        return cls(**json.loads((out_dir / "train_result.json").read_text()))
+        return cls(**json.loads(TrainFiles(out_dir).result.read_text()))
 
 
-def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = (),
+def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = (),
           then: Callable[[Any, Any], None] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`.
 
     `callbacks`: extra transformers `TrainerCallback`s (benchmarks use them to profile).
     `then(model, tokenizer)`: runs once everything is written, with the trained model still loaded.
     """
-    t0, t = time.perf_counter(), cfg.train
+    t0, t, files = time.perf_counter(), cfg.train, TrainFiles(out_dir)
     backend, cuda = pick_backend(t.backend), torch.cuda.is_available()
     log.info("backend=%s base_model=%s lr=%g steps=%d batch=%dx%d", backend, cfg.model.base_model,
              t.learning_rate, t.max_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps)
@@ -98,7 +98,7 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     trainer.data_collator = counter = speed.HostCollator(trainer.data_collator, label_positions=loss_head == "trl")
     meter = speed.SpeedMeter(counter)
     trainer.add_callback(meter)
-    trainer.add_callback(MetricsFile(out_dir / TRAIN_METRICS))  # read live by the task that supervises
+    trainer.add_callback(MetricsFile(files.metrics))  # read live by the task that supervises
     trainer.remove_callback(PrinterCallback)  # the meter logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",
@@ -111,18 +111,17 @@ def train(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Seque
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_loss = final_eval_loss(trainer) if eval_rows else None
 
-    adapter_dir, history = out_dir / "adapter", out_dir / "log_history.json"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    history.write_text(json.dumps(trainer.state.log_history, indent=1))
+    trainer.save_model(str(files.adapter))
+    tokenizer.save_pretrained(str(files.adapter))
+    files.history.write_text(json.dumps(trainer.state.log_history, indent=1))
 
     result = TrainResult(
-        str(adapter_dir), backend, trainer.state.global_step, float(output.training_loss), eval_loss,
-        time.perf_counter() - t0, len(train_rows), truncated, str(history),
+        str(files.adapter), backend, trainer.state.global_step, float(output.training_loss), eval_loss,
+        time.perf_counter() - t0, len(train_rows), truncated, str(files.history),
         int(resume.name.rsplit("-", 1)[1]) if resume else None, meter.tokens_per_s(), meter.step_s(),
         speed.peak_gpu_gib())
-    (out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2))
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the adapter is written: no retry needs them
+    files.result.write_text(json.dumps(asdict(result), indent=2))
+    shutil.rmtree(files.checkpoints, ignore_errors=True)  # the adapter is written: no retry needs them
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,
              result.runtime_s, result.train_loss, result.eval_loss)
 
@@ -159,7 +158,8 @@ def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, eva
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
         **({} if t.padding_free is None else {"padding_free": t.padding_free}),
-        output_dir=str(out_dir / "checkpoints"), save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        output_dir=str(TrainFiles(out_dir).checkpoints), save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=2,
         per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
@@ -177,7 +177,7 @@ def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, eva
 
 def last_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (trainer_state.json is written last), if any."""
-    folder = out_dir / "checkpoints"
+    folder = TrainFiles(out_dir).checkpoints
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if folder.is_dir() else []
     return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 

@@ -257,7 +257,7 @@ def gate_tokenizer(cfg: PipelineConfig) -> Any:
     return tokenizer_files(cfg.model) if cfg.validation.check_fit else None
 
 
-def validate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None = None) -> ValidationReport:
+def gate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any | None = None) -> ValidationReport:
     """Run the suite; `tokenizer` (the base model's) enables the fit check."""
     with_fit = cfg.validation.check_fit and tokenizer is not None
     frame = build_frame(records, cfg, tokenizer if with_fit else None)

@@ -134,8 +134,8 @@ def main() -> int:
 
     from airflow.dag_processing.dagbag import DagBag
 
-    from ml.config import config_from_params
-    from ml.runs import run_paths
+    from ml.params import config_from_params
+    from ml.runs import read_json, run_paths
 
     # Airflow's own log lines (and the tasks', relayed training lines included) go to a file; the
     # console shows the stages, one line a task, and the summary.
@@ -168,11 +168,9 @@ def main() -> int:
                         for ti in sorted(dag_run.get_task_instances(), key=lambda ti: ti.start_date or 0)
                         if ti.state == "success"})
         cfg = config_from_params(conf)
-        reports = run_paths(cfg, f"retrain_lora__{dag_run.run_id}").reports
-        results.append((title, dag_run.run_id, cfg,
-                        json.loads((reports / "evaluation.json").read_text()),
-                        json.loads((reports / "registered.json").read_text()),
-                        json.loads((reports.parent / "data" / "snapshot.json").read_text())))
+        paths = run_paths(cfg, f"retrain_lora__{dag_run.run_id}")
+        results.append((title, dag_run.run_id, cfg, read_json(paths.evaluation), read_json(paths.registered),
+                        read_json(paths.snapshot)))
 
     stage("summary")
     for title, run_id, cfg, ev, reg, snap in results:

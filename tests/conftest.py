@@ -63,7 +63,7 @@ registry:
 """)
 (PROFILES / "e2e-lr0.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 0.0\n")
 # For a scheduler that runs for real: only the runs a test triggers.
-(PROFILES / "e2e-manual.yaml").write_text("extends: e2e\nschedule: null\n")
+(PROFILES / "e2e-manual.yaml").write_text("extends: e2e\ndeploy:\n  schedule: null\n")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -81,11 +81,12 @@ def trained_run(tmp: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     """(config, run folder, TrainResult) of a real training of the tiny model: the e2e profile + overrides."""
     from ml import pipeline
     from ml.config import load_config
+    from ml.runs import run_paths
     from ml.train import TrainResult
 
     cfg = load_config("e2e", {"output_dir": str(tmp), "registry.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
                               **overrides})
-    paths = pipeline.run_paths(cfg, "t")
+    paths = run_paths(cfg, "t")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     pipeline.train(cfg, paths)

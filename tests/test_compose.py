@@ -55,7 +55,7 @@ def test_the_topology(compose: dict[str, Any]) -> None:
 
 def test_gpu_worker_serves_the_train_queue_with_a_gpu(compose: dict[str, Any]) -> None:
     gpu = compose["services"]["airflow-worker-gpu"]
-    queue = load_config().train.queue
+    queue = load_config().deploy.gpu_queue
     assert f"--queues {queue}" in gpu["command"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]

@@ -9,18 +9,17 @@ from conftest import ROOT
 
 from ml.config import (
     DEFAULT_PROFILE,
-    PARAM_PATHS,
     PROFILES_DIR,
     SECTIONS,
     PipelineConfig,
-    config_from_params,
     load_config,
     parse_overrides,
     read_profile,
-    reference_markdown,
 )
 from ml.errors import ConfigError
+from ml.params import PARAM_PATHS, config_from_params
 from ml.prompt import PromptFormat
+from ml.settings_reference import reference_markdown
 
 
 def test_seed_profile_carries_the_seed_hyperparameters() -> None:

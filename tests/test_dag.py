@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from conftest import ROOT, imports_of
 
-from ml.config import PARAM_PATHS, available_profiles, field_schema
+from ml.config import available_profiles
+from ml.params import PARAM_PATHS, field_schema
 
 
 @pytest.fixture()
@@ -21,8 +22,8 @@ def test_task_graph(dag: Any) -> None:
     assert edges == {
         ("load", "preflight"), ("preflight", "validate"), ("validate", "prepare"), ("prepare", "train"),
         ("train", "evaluate"),
-        ("evaluate", "register"), ("evaluate", "decide"), ("register", "decide"),
-        ("decide", "promote_champion"), ("decide", "keep_champion"),
+        ("evaluate", "register"), ("evaluate", "promote_or_keep"), ("register", "promote_or_keep"),
+        ("promote_or_keep", "promote_champion"), ("promote_or_keep", "keep_champion"),
         ("promote_champion", "summary"), ("keep_champion", "summary"),
         ("preflight", "summary"), ("evaluate", "summary"), ("register", "summary"),
     }
@@ -91,7 +92,7 @@ def test_a_task_imports_only_the_stack_its_step_needs() -> None:
 def test_every_task_and_the_run_are_time_bounded(dag: Any) -> None:
     from ml.config import load_config
 
-    cap = timedelta(hours=load_config("e2e").train.timeout_cap_h)
+    cap = timedelta(hours=load_config("e2e").deploy.train_timeout_cap_h)
     limits = {t.task_id: t.execution_timeout for t in dag.tasks}
     assert all(limit is not None and limit > timedelta(0) for limit in limits.values()), limits
     assert cap < limits["train"] <= cap + timedelta(minutes=30)  # the trainer's own limit comes first

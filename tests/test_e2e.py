@@ -183,11 +183,12 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
 def test_a_retried_register_task_does_not_register_twice(retrain_dag: Any, client: Any) -> None:
     from ml import pipeline
     from ml.config import load_config
+    from ml.runs import run_paths
 
     run = client.get_run(_versions(client)["1"].run_id)
     run_key = run.data.tags["pipeline.run_key"]
     cfg = load_config("e2e")
-    again = pipeline.register(cfg, pipeline.run_paths(cfg, run_key), run_key)
+    again = pipeline.register(cfg, run_paths(cfg, run_key), run_key)
     assert again["version"] == "1" and again["run_id"] == run.info.run_id
     assert list(_versions(client)) == ["1"]
 
@@ -245,11 +246,12 @@ def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, c
 def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:
     from ml import pipeline
     from ml.config import load_config
+    from ml.runs import run_paths
 
     run_key = client.get_run(_versions(client)["3"].run_id).data.tags["pipeline.run_key"]
     cfg = load_config("e2e-lr0")
     with pytest.raises(RuntimeError, match="version 3 was not chosen for promotion"):
-        pipeline.promote(cfg, pipeline.run_paths(cfg, run_key))
+        pipeline.promote(cfg, run_paths(cfg, run_key))
     assert _alias(client, "champion") == "2" and _versions(client)["3"].tags["decision"] == "rejected"
 
 

@@ -20,7 +20,7 @@ from ml.base_models import resolve
 from ml.config import load_config
 from ml.errors import ModelLoadError
 from ml.modeling import lora_config
-from ml.runs import read_json
+from ml.runs import read_json, run_paths
 from ml.tiny import ExaoneShape, exaone_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def _exaone_run(root: Path, exaone: Path, key: str, **overrides: Any) -> tuple[A
         "registry.min_rows": 5,  # the sample's test split: 8 rows
         "registry.model_name": f"exaone-tiny-{key}", "registry.artifact_location": str(root / "mlartifacts"),
         **overrides})
-    paths = pipeline.run_paths(cfg, key)
+    paths = run_paths(cfg, key)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
     pipeline.register(cfg, paths, key)

@@ -19,7 +19,8 @@ from conftest import ROOT, MlflowServer
 from ml import pipeline
 from ml.config import load_config
 from ml.errors import RegistryUnavailable
-from ml.runs import read_json
+from ml.pipeline.local import run_all
+from ml.runs import read_json, run_paths
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +63,8 @@ def test_mlflow_down_when_a_run_starts_fails_before_any_training(tiny_model: Pat
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "registry.tracking_uri": uri,
                               "registry.request_retries": 0, "registry.request_timeout_s": 5})
     with pytest.raises(RegistryUnavailable, match=f"MLflow at {uri} cannot be used by this run"):
-        pipeline.run_all(cfg, "server-down")
-    assert not (pipeline.run_paths(cfg, "server-down").train).exists()
+        run_all(cfg, "server-down")
+    assert not (run_paths(cfg, "server-down").train).exists()
 
 
 def test_a_hung_tracking_server_ends_the_step_within_its_timeout(silent_server: str, tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_a_hung_tracking_server_ends_the_step_within_its_timeout(silent_server: 
                               "registry.request_retries": 0, "registry.request_timeout_s": 2})
     started = time.monotonic()
     with pytest.raises(RegistryUnavailable, match=silent_server):
-        pipeline.preflight(cfg, pipeline.run_paths(cfg, "hung"))
+        pipeline.preflight(cfg, run_paths(cfg, "hung"))
     assert time.monotonic() - started < 60  # MLflow's own defaults: 120 s per request, 7 retries
 
 
@@ -81,14 +82,15 @@ def _killed_in(step: str, owner: str, name: str, run_dir: Path, run_key: str, mo
     code = (
         "import json, os, pathlib\n"
         "import mlflow, mlflow.models\n"
-        "from ml import pipeline, registry\n"
+        "from ml import champion, pipeline\n"
+        "from ml.runs import RunPaths\n"
         "from ml.config import PipelineConfig\n"
         f"original = getattr({owner}, {name!r})\n"
         "def dying(*args, **kwargs):\n"
         "    original(*args, **kwargs)\n"
         "    os._exit(9)\n"
         f"setattr({owner}, {name!r}, dying)\n"
-        f"paths = pipeline.RunPaths(pathlib.Path({str(run_dir)!r}))\n"
+        f"paths = RunPaths(pathlib.Path({str(run_dir)!r}))\n"
         "cfg = PipelineConfig.model_validate(json.loads((paths.root / 'config.json').read_text()))\n"
         f"cfg = cfg.model_copy(update={{'registry': cfg.registry.model_copy(update={{'model_name': {model!r}}})}})\n"
         f"pipeline.{step}(cfg, paths, {run_key!r})\n")
@@ -102,7 +104,7 @@ def evaluated(module_tracking: str, tiny_model: Path, tmp_path_factory: pytest.T
     """(config, run folder) of one trained and evaluated run, frozen as the killed processes read it."""
     cfg = load_config("e2e", {"output_dir": str(tmp_path_factory.mktemp("faults")), "train.max_steps": 30,
                               "registry.model_name": "faults-evaluated"})  # no champion: promote over the base
-    paths = pipeline.run_paths(cfg, "evaluated")
+    paths = run_paths(cfg, "evaluated")
     cfg = pipeline.freeze(cfg, paths)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
@@ -152,7 +154,7 @@ def test_a_worker_killed_after_the_alias_moved_and_retried_finishes_the_bookkeep
     cfg = _named(cfg, model)
     (version,) = [pipeline.register(cfg, paths, key)["version"]]
     client = MlflowClient()
-    assert _killed_in("promote", "registry", "move_champion", paths.root, key, model) == 9
+    assert _killed_in("promote", "champion", "move", paths.root, key, model) == 9
     assert client.get_registered_model(model).aliases == {"champion": version}
     assert client.get_model_version(model, version).tags["decision"] == "promote"  # not yet "promoted"
     result = pipeline.promote(cfg, paths, key)  # the retry finishes the bookkeeping, scores nothing again
@@ -261,8 +263,9 @@ def test_an_account_reads_no_champion_where_it_sees_no_model_and_never_takes_ano
     import mlflow
     from mlflow import MlflowClient
 
+    from ml import champion, tracking
     from ml.config import RegistryConfig
-    from ml.registry import _create_version, champion_version
+    from ml.registry import _create_version
 
     server = MlflowServer(tmp_path / "mlflow", admin_password="right-password")
     server.start()
@@ -282,9 +285,9 @@ def test_an_account_reads_no_champion_where_it_sees_no_model_and_never_takes_ano
         client = MlflowClient(server.url)
         with pytest.raises(Exception, match="PERMISSION_DENIED|403"):  # what the server answers
             client.get_model_version_by_alias("not-yet", "champion")
-        assert champion_version(reg) is None  # read as: no champion yet
+        assert champion.version(tracking.connect(reg), reg) is None  # read as: no champion yet
         client.create_registered_model("not-yet")  # its first run creates it, and owns it
-        assert champion_version(reg) is None  # its own model, still without a champion: 404 now
+        assert champion.version(tracking.connect(reg), reg) is None  # its own model, still without a champion: 404 now
         with pytest.raises(RegistryUnavailable, match="'people-made' exists but this MLflow account cannot read it"):
             _create_version(client, "people-made", None, "", {})
     finally:

@@ -54,6 +54,7 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
     from ml import pipeline
     from ml.config import load_config
     from ml.data import QAExample, write_jsonl
+    from ml.runs import run_paths
 
     words = lambda n, s: " ".join(f"t{(s * 7919 + i * 104729) % 128000}" for i in range(n))  # noqa: E731
     batch = [QAExample(f"k{i}", words(20, i), (words(200, i + 50),), words(60, i + 99)) for i in range(6)]
@@ -64,7 +65,7 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
         "train.learning_rate": 2e-3, "train.warmup_steps": 1, "train.gradient_accumulation_steps": 1,
         "train.save_steps": 6, "eval.eval_steps": 6, "output_dir": str(tmp_path),
         "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    paths = pipeline.run_paths(cfg, "run")
+    paths = run_paths(cfg, "run")
 
     result = pipeline.train(cfg, paths)  # a child process, as on the CUDA worker
     assert result["backend"] == backend and result["global_step"] == 16

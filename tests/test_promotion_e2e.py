@@ -17,7 +17,8 @@ from ml import pipeline
 from ml.config import load_config
 from ml.data import read_split
 from ml.errors import GateFailed, RegistryConflict
-from ml.runs import read_json
+from ml.pipeline.local import run_all
+from ml.runs import read_json, run_paths
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _cfg(name: str, tmp: Path, **overrides: Any) -> Any:
 
 
 def _until_register(cfg: Any, key: str) -> Any:
-    paths = pipeline.run_paths(cfg, key)
+    paths = run_paths(cfg, key)
     cfg = pipeline.freeze(cfg, paths)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
@@ -59,10 +60,10 @@ def test_a_challenger_with_another_tokenizer_is_not_promoted_and_says_why(
     from ml.tiny import build_tiny_model
 
     cfg = _cfg("p-tokenizer", tmp_path)
-    assert pipeline.run_all(cfg, "first")["promoted"]
+    assert run_all(cfg, "first")["promoted"]
     other = build_tiny_model(load_examples(cfg.data), tmp_path / "tiny-1024", PromptFormat.from_config(cfg),
                              vocab_size=1024)
-    result = pipeline.run_all(_cfg("p-tokenizer", tmp_path, **{"model.base_model": str(other)}), "other-tokenizer")
+    result = run_all(_cfg("p-tokenizer", tmp_path, **{"model.base_model": str(other)}), "other-tokenizer")
     assert result["outcome"] == "needs_review" and "different tokenizers" in result["reason"], result
     assert "per answer byte" in result["reason"]
     assert _alias(client, "p-tokenizer", "champion") == "1"
@@ -108,7 +109,7 @@ def test_a_worse_run_promoting_last_is_scored_again_against_the_new_champion(
         assert ev["scored_in"] == "training process"  # scored by the trainer, with its model loaded
     pipeline.promote(strong_cfg, strong, "strong")
     result = pipeline.promote(weak_cfg, weak, "weak")
-    assert read_json(weak.reports / "evaluation.json")["scored_in"] == "evaluate step"  # @champion moved
+    assert read_json(weak.reports / "evaluation.json")["scored_in"] == "promote step"  # @champion moved
     strong_version = read_json(strong.reports / "registered.json")["version"]
     assert not result["promoted"] and f"champion v{strong_version}" in result["reason"], result
     assert _alias(client, name, "champion") == strong_version and _alias(client, name, "previous_champion") is None
@@ -118,7 +119,7 @@ def test_a_manual_rollback_between_evaluate_and_promote_is_respected(
         client: Any, tiny_model: Path, tmp_path: Path) -> None:
     name = "p-rollback"
     for key, steps in (("r1", 3), ("r2", 30)):
-        assert pipeline.run_all(_cfg(name, tmp_path, **{"train.max_steps": steps}), key)["promoted"], key
+        assert run_all(_cfg(name, tmp_path, **{"train.max_steps": steps}), key)["promoted"], key
     cfg = _cfg(name, tmp_path, **{"train.max_steps": 90})
     paths = _until_register(cfg, "r3")
     assert read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
@@ -189,12 +190,12 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
 def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset_is_rekeyed(
         client: Any, tiny_model: Path, tmp_path: Path) -> None:
     name = "p-rekey"
-    first = pipeline.run_all(_cfg(name, tmp_path), "by-pmid")
+    first = run_all(_cfg(name, tmp_path), "by-pmid")
     assert first["promoted"]
     trained_questions = {ex.question for ex in read_split(Path(first["run_dir"]) / "splits", "train")}
     # keyed by question text instead of PMID: every key changes, and so do the splits
     rekeyed = _cfg(name, tmp_path, **{"data.id_column": None})
-    result = pipeline.run_all(rekeyed, "by-question")
+    result = run_all(rekeyed, "by-question")
     ev = read_json(Path(result["run_dir"]) / "reports" / "evaluation.json")
     test = read_split(Path(result["run_dir"]) / "splits", "test")
     overlap = {ex.key for ex in test if ex.question in trained_questions}
@@ -209,19 +210,19 @@ def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset
 def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_model: Path, tmp_path: Path) -> None:
     name = "p-skip"
     cfg = _cfg(name, tmp_path, **{"train.max_steps": 10})
-    assert pipeline.run_all(cfg, "first")["promoted"]
-    again = pipeline.run_all(cfg, "again")
+    assert run_all(cfg, "first")["promoted"]
+    again = run_all(cfg, "again")
     assert "nothing changed since champion v1" in again["skipped"] and "train" not in again["seconds"]
     assert not (Path(again["run_dir"]) / "train").exists()
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     exp = client.get_experiment_by_name(cfg.registry.experiment)
     (note,) = client.search_runs([exp.experiment_id], "tags.`pipeline.run_key` = 'again'")
     assert note.data.tags["decision"] == "skipped" and note.info.status == "FINISHED"
-    forced = pipeline.run_all(cfg, "forced", force=True)
+    forced = run_all(cfg, "forced", force=True)
     assert "skipped" not in forced and json.loads(json.dumps(forced))["version"] == "2"
     # The champion in a run folder is fetched once (run_all fetches it while the gate runs, train finds
     # it there), and again when @champion has moved since.
-    paths = pipeline.run_paths(cfg, "fetched")
+    paths = run_paths(cfg, "fetched")
     champ = pipeline.fetch_champion(cfg, paths)
     mlmodel = Path(champ.model_dir) / "MLmodel"
     stamp = mlmodel.stat().st_ino, mlmodel.stat().st_mtime_ns
@@ -240,7 +241,7 @@ def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_mode
     bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     cfg = _cfg("p-gate", tmp_path, **{"data.source": str(bad), "registry.experiment": "p-gate"})
     with pytest.raises(GateFailed, match="data-quality gate FAILED") as failed:
-        pipeline.run_all(cfg, "bad-data")
+        run_all(cfg, "bad-data")
     assert rows[2]["PMID"] in str(failed.value) and "[content]" in str(failed.value)
     run_dir = tmp_path / "runs" / "bad-data"
     assert not json.loads((run_dir / "reports" / "validation.json").read_text())["success"]

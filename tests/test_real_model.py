@@ -20,9 +20,9 @@ from ml.data import QAExample, read_split
 from ml.errors import ModelLoadError
 from ml.evaluate import decision_token_ids, generate_answers, token_loss
 from ml.modeling import load_with_adapter
-from ml.promotion import RowScore, Scores
+from ml.promotion import RowScore, Rule, Scores, decide
 from ml.prompt import IGNORE_INDEX, PromptFormat, encode, render, token_lengths
-from ml.runs import read_json
+from ml.runs import read_json, run_paths
 from ml.sources import load_examples
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def _short_run(root: Path, smollm2: Path, seed: int) -> tuple[Any, Any, dict[str
         "data.val_fraction": 0.0, "eval.num_sample_generations": 1, "eval.max_new_tokens": 12,
         "registry.experiment": "real-model", "registry.model_name": "real-smollm2-lora",
         "registry.artifact_location": str(root / "mlartifacts")})
-    paths = pipeline.run_paths(cfg, f"seed-{seed}")
+    paths = run_paths(cfg, f"seed-{seed}")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     pipeline.train(cfg, paths)
@@ -159,7 +159,7 @@ def test_two_runs_that_differ_only_in_seed_are_not_promoted_over_each_other(two_
         return Scores([RowScore(**r) for r in ev["challenger"]["rows"]], ev["identity"]["tokenizer"])
 
     for a, b in ((first, second), (second, first)):
-        d = pipeline.decide_from(cfg, scores(a), scores(b), "the other seed's run", set())
+        d = decide(scores(a), scores(b), "the other seed's run", Rule.of(cfg.registry))
         print(d.reason)
         assert d.outcome == "keep" and d.low is not None and d.low <= cfg.registry.min_delta, d.reason
 

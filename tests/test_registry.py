@@ -1,4 +1,4 @@
-"""Promotion rule and registry bookkeeping against a real MLflow server."""
+"""The champion's alias against a real MLflow server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 def test_champion_is_none_on_an_empty_registry(tracking: str, tmp_path: object) -> None:
     from pathlib import Path
 
+    from ml import champion, tracking
     from ml.config import load_config
-    from ml.registry import champion
 
     cfg = load_config("e2e", {"registry.model_name": "never-registered"})
-    assert champion(cfg.registry, Path(str(tmp_path))) is None
+    assert champion.fetch(tracking.connect(cfg.registry), cfg.registry, Path(str(tmp_path))) is None

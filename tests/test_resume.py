@@ -15,6 +15,7 @@ import pytest
 from ml import pipeline
 from ml.config import load_config
 from ml.errors import TrainingFailed
+from ml.runs import run_paths
 from ml.train import TrainResult
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_registers_once(
 
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 40, "train.save_steps": 10,
                               "registry.experiment": "resume", "registry.model_name": "resume-tiny-lora"})
-    paths = pipeline.run_paths(cfg, "killed-run")
+    paths = run_paths(cfg, "killed-run")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
 
@@ -64,7 +65,7 @@ def test_a_failing_training_process_fails_the_step_with_its_output(
 
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "model.base_model": str(tmp_path / "no-model"),
                               "registry.experiment": "broken-training"})
-    paths = pipeline.run_paths(cfg, "broken")
+    paths = run_paths(cfg, "broken")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     with pytest.raises(TrainingFailed, match="exited with code 2") as err:  # 2: unusable input
@@ -90,8 +91,8 @@ def test_a_trainer_past_its_time_limit_is_stopped_and_fails_naming_the_limit(
     """The limit is set below the time imports alone take: the child is stopped, none is left."""
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 1000,
                               "train.timeout_per_step_s": 0.001, "train.timeout_startup_s": 3})
-    assert cfg.train.timeout_s(100) == pytest.approx(4.0)
-    paths = pipeline.run_paths(cfg, "slow-run")
+    assert cfg.train_time_limit_s(100) == pytest.approx(4.0)
+    paths = run_paths(cfg, "slow-run")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     started = time.monotonic()
@@ -104,8 +105,9 @@ def test_a_trainer_past_its_time_limit_is_stopped_and_fails_naming_the_limit(
 
 
 def test_the_time_limit_counts_steps_or_epochs_and_is_capped() -> None:
-    t = load_config("e2e", {"train.max_steps": -1, "train.num_train_epochs": 3,
-                            "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2}).train
+    cfg = load_config("e2e", {"train.max_steps": -1, "train.num_train_epochs": 3,
+                              "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 2})
+    t = cfg.train
     assert t.optimizer_steps(100) == 3 * 13  # ceil(100 / 8) steps per epoch
-    assert t.timeout_s(100) == t.timeout_startup_s + 39 * t.timeout_per_step_s
-    assert t.timeout_s(10_000_000) == t.timeout_cap_h * 3600
+    assert cfg.train_time_limit_s(100) == t.timeout_startup_s + 39 * t.timeout_per_step_s
+    assert cfg.train_time_limit_s(10_000_000) == cfg.deploy.train_timeout_cap_h * 3600

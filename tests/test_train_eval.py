@@ -16,7 +16,7 @@ from ml.data import read_split
 from ml.evaluate import evaluate_model, sample_rows, token_loss
 from ml.modeling import load_tokenizer, load_with_adapter, lora_config, use_adapter
 from ml.prompt import PromptFormat, encode_all, render
-from ml.runs import read_json
+from ml.runs import read_json, run_paths
 from ml.train import TrainResult
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_a_failed_scoring_in_the_trainer_keeps_the_training_and_leaves_no_scores
     from ml.runs import Champion, write_champion
 
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 2})
-    paths = pipeline.run_paths(cfg, "t")
+    paths = run_paths(cfg, "t")
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
     gone = str(tmp_path / "no-such-adapter")

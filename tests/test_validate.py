@@ -12,7 +12,7 @@ from conftest import PQAL
 from ml.config import PipelineConfig, load_config
 from ml.data import assign_split, to_example
 from ml.sources import load_records
-from ml.validate import FAMILIES, ValidationReport, validate
+from ml.validate import FAMILIES, ValidationReport, gate
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def rows(clean: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _gate(rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any) -> ValidationReport:
-    return validate(rows, cfg, tokenizer)
+    return gate(rows, cfg, tokenizer)
 
 
 def _in_split(rows: list[dict[str, Any]], cfg: PipelineConfig, split: str) -> list[int]:
@@ -176,7 +176,7 @@ def test_real_english_pubmedqa_passes_with_the_english_profile(tmp_path: Path) -
     # The profile's hub tokenizer is out of reach here: one trained on this data stands in.
     build_tiny_model([to_example(r) for r in records], tmp_path / "tok",
                      PromptFormat.from_config(cfg))
-    report = validate(records, cfg, AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
+    report = gate(records, cfg, AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
     assert report.success, report.summary()
     assert report.rows == 1000 and report.truncated_share is not None
 
@@ -257,9 +257,9 @@ def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
     source = tmp_path / "binary.parquet"
     frame.to_parquet(source)
     data = cfg.data.model_copy(update={"source": str(source), "id_column": "key"})
-    direct = validate(load_records(data), cfg, tokenizer)
+    direct = gate(load_records(data), cfg, tokenizer)
     snapshot(data, tmp_path / "snap")
-    via_snapshot = validate(read_snapshot(tmp_path / "snap"), cfg, tokenizer)
+    via_snapshot = gate(read_snapshot(tmp_path / "snap"), cfg, tokenizer)
     assert "schema" in direct.failed_families
     assert via_snapshot.failed_families == direct.failed_families, via_snapshot.summary()
 

@@ -1,0 +1,63 @@
+"""The trigger form (Airflow Params) and the config: which settings the form shows, each field's
+JSON schema taken from its config field (type, bounds, description), and a run's config from a
+submitted form. Airflow itself is not imported here: the DAG builds its `Param`s from these schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ml.config import SECTIONS, PipelineConfig, available_profiles, load_config, looks_local, resolve_path
+from ml.errors import ConfigError
+
+# The form's fields: form name -> config field.
+PARAM_PATHS: dict[str, str] = {
+    "dataset": "data.source",
+    "dataset_split": "data.split",
+    "base_model": "model.base_model",
+    "learning_rate": "train.learning_rate",
+    "max_steps": "train.max_steps",
+    "num_train_epochs": "train.num_train_epochs",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "min_delta": "registry.min_delta",
+}
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
+
+
+def field_schema(dotted: str) -> dict[str, Any]:
+    """JSON schema of one config field (`train.learning_rate`): type, bounds, description."""
+    section, _, name = dotted.partition(".")
+    model = SECTIONS.get(section) if name else PipelineConfig
+    properties = model.model_json_schema()["properties"] if model else {}
+    if (name or section) not in properties:
+        raise ConfigError(f"no config field {dotted!r}")
+    return {k: v for k, v in properties[name or section].items() if k in _SCHEMA_KEYS}
+
+
+def param_schemas() -> dict[str, dict[str, Any]]:
+    """Each form field's JSON schema from its config field. Nullable, because an empty field keeps
+    the profile's value; the bounds apply to a value that is given."""
+    out = {}
+    for param, dotted in PARAM_PATHS.items():
+        schema = field_schema(dotted)
+        out[param] = {**schema, "type": ["null", schema["type"]]}
+    return out
+
+
+def config_from_params(params: dict[str, Any]) -> PipelineConfig:
+    """A submitted form -> the run's config. A None/empty field means "keep the profile's value"."""
+    overrides = {PARAM_PATHS[k]: v for k, v in params.items()
+                 if k in PARAM_PATHS and v not in (None, "")}
+    profile = params.get("profile") or None
+    if profile is not None and profile not in available_profiles():  # a name, never a path to some file
+        raise ConfigError(f"unknown profile {profile!r}: a run takes one of {', '.join(available_profiles())}")
+    cfg = load_config(profile, overrides)
+    roots = [resolve_path(r).resolve() for r in cfg.form_roots]
+    for param in ("dataset", "base_model"):
+        value = params.get(param)
+        local = resolve_path(value).resolve() if value and looks_local(value) else None
+        if local is not None and not any(local.is_relative_to(root) for root in roots):
+            raise ConfigError(f"{param} {value!r} is outside the folders the trigger form may read "
+                              f"({', '.join(cfg.form_roots)}: form_roots)")
+    return cfg

@@ -1,0 +1,139 @@
+"""The release steps: register (the run's evidence and a model version), then promote or keep (the
+only moves of @champion a run makes, through ml/champion.py), and the decision as it stands after
+them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ml.config import PipelineConfig
+from ml.errors import RegistryConflict
+from ml.evaluation import conclude, read, redecide
+from ml.identity import adapter_hash
+from ml.promotion import Decision, overruled
+from ml.review_card import config_changes, render, row_changes
+from ml.runs import RunPaths, read_champion, read_json, write_json
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from ml.registry import Registered
+
+log = logging.getLogger(__name__)
+
+
+def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str, str] | None = None,
+             links: dict[str, str] | None = None) -> dict[str, str]:
+    """Log the run's evidence to MLflow and register its adapter as a version described by its review
+    card; `links`: where the run can be seen (the Airflow run, its task logs), shown on the card. A
+    retry finds the version its earlier attempt registered for this adapter instead of adding one."""
+    from ml import registry, tracking  # MLflow
+
+    decision, ev = read(paths)
+    adapter = _evaluated_adapter(paths, ev)
+    if links is not None:
+        write_json(paths.links, links)
+    client = tracking.connect(cfg.registry)
+    card = _review_card(client, cfg, paths, decision)
+    registered = registry.find_registered(client, cfg.registry, run_key, adapter)
+    if registered:
+        log.info("run %s already registered version %s; not registering again", run_key, registered.version)
+        tracking.finish_run(client, registered.run_id)
+    else:
+        metrics, run_tags = tracking.run_record(cfg, run_key, ev, read_json(paths.snapshot),
+                                                read_json(paths.trained.result), tags or {})
+        with tracking.evidence_run(client, cfg, paths, run_key, metrics=metrics, tags=run_tags, decision=decision,
+                                   samples=ev["samples"]) as (run_id, datasets):
+            test_metrics = {k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))}
+            registered = registry.publish(client, cfg, paths.trained.adapter, run_id, run_tags, test_metrics,
+                                          datasets.get("test"))
+    registry.tag_numbers(client, cfg.registry, registered.version, decision)
+    registry.describe(client, cfg.registry, registered.version, card)
+    write_json(paths.registered, asdict(registered))
+    return asdict(registered)
+
+
+def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -> dict[str, Any]:
+    """Move @champion to this run's version: only a version its evaluation chose, holding the adapter
+    that was evaluated, and only while @champion is still where it was when it was evaluated.
+
+    If the champion moved meanwhile: moved by another pipeline run, the challenger is scored again
+    against the new champion and decided anew; moved by a person (a manual promotion or rollback),
+    the decision becomes needs_review. Either way a version not promoted is kept, as by `keep`."""
+    from ml import champion, registry, tracking  # MLflow
+
+    registered, (decision, ev) = _registered(paths), read(paths)
+    if not decision.promote:
+        raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
+    reg, client = cfg.registry, tracking.connect(cfg.registry)
+    registry.check_adapter(client, reg, registered, _evaluated_adapter(paths, ev))
+    with champion.lock(client, reg):
+        expected = ev["champion_version"]
+        moved = champion.moved_since(client, reg, expected, registered.version)
+        if moved and moved.by_hand:  # a person's choice is not overridden
+            decision = overruled(decision, reg.champion_alias, moved.now, moved.set_by)
+            redecide(paths, ev, decision)
+        elif moved:  # another run promoted: against the new champion, under the lock (nothing moves meanwhile)
+            from ml.scoring import score_again  # torch, transformers
+
+            scores = score_again(cfg, paths, champion.fetch(client, reg, paths.champion), "promote step")
+            decision, expected = Decision(**conclude(cfg, paths, scores)["decision"]), moved.now
+        if decision.promote:
+            champion.promote(client, reg, registered, decision, expected, run_key or paths.root.name)
+        else:
+            champion.keep(client, reg, registered, decision)
+    registry.describe(client, reg, registered.version, _review_card(client, cfg, paths, decision))
+    return _outcome(registered, decision)
+
+
+def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Keep the champion: tag this run's version rejected (or needs_review), with the reason."""
+    from ml import champion, registry, tracking  # MLflow
+
+    registered, (decision, _) = _registered(paths), read(paths)
+    client = tracking.connect(cfg.registry)
+    champion.keep(client, cfg.registry, registered, decision)
+    registry.describe(client, cfg.registry, registered.version, _review_card(client, cfg, paths, decision))
+    return _outcome(registered, decision)
+
+
+def final_decision(paths: RunPaths) -> dict[str, Any]:
+    """The decision as it stands after promote or keep (promotion may have scored again)."""
+    return asdict(read(paths)[0])
+
+
+def _outcome(registered: Registered, decision: Decision) -> dict[str, Any]:
+    return {"version": registered.version, "promoted": decision.promote, "outcome": decision.outcome,
+            "reason": decision.reason}
+
+
+def _registered(paths: RunPaths) -> Registered:
+    from ml.registry import Registered  # MLflow
+
+    return Registered(**read_json(paths.registered))
+
+
+def _evaluated_adapter(paths: RunPaths, ev: dict[str, Any]) -> str:
+    """The adapter on disk must be the one evaluated (a re-run under the same key may have replaced it)."""
+    now, evaluated = adapter_hash(paths.trained.adapter), ev["identity"]["adapter_sha256"]
+    if now != evaluated:
+        raise RegistryConflict(f"the adapter in {paths.train} ({now}) is not the one evaluated ({evaluated}): "
+                               "another attempt rewrote it; run evaluate again")
+    return str(now)
+
+
+def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, decision: Decision) -> str:
+    """The version's review card (ml/review_card.py) from the run folder and the champion's run."""
+    from ml.tracking import run_params  # MLflow
+
+    _, champ = read_champion(paths.champion)
+    ev = read_json(paths.evaluation)
+    if champ is None or ev["champion_version"] != champ.version:
+        champ = None  # the card compares with the champion that was scored
+    params = run_params(client, champ.run_id) if champ and champ.run_id else None
+    links = read_json(paths.links) if paths.links.exists() else {}
+    return render(asdict(decision), ev, read_json(paths.snapshot), read_json(paths.trained.result),
+                  config_changes(cfg.flat(), params),
+                  row_changes(read_json(paths.train_rows), champ.trained_rows if champ else None), links)

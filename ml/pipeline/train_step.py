@@ -1,0 +1,84 @@
+"""The train step: the champion fetched, then the trainer (`python -m ml train`) in a process of its
+own under supervision (ml/supervise.py), inside the MLflow run of this training attempt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ml import supervise
+from ml.config import PipelineConfig
+from ml.errors import TrainingFailed
+from ml.runs import RunPaths, read_json, write_json
+
+if TYPE_CHECKING:
+    from ml.runs import Champion
+
+log = logging.getLogger(__name__)
+
+
+def fetch_champion(cfg: PipelineConfig, paths: RunPaths) -> Champion | None:
+    """The champion this run competes with (None: the base model), in the run folder (ml/champion.py)."""
+    from ml import champion, tracking  # MLflow
+
+    return champion.fetch(tracking.connect(cfg.registry), cfg.registry, paths.champion)
+
+
+def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
+          opened: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train in a child process (`train.isolate`, the default) or in this one. The champion is
+    fetched first, so that the trainer can score the challenger against it while its model is
+    still loaded (`eval.score_while_loaded`). The attempt is an MLflow run while it trains
+    (`tracking.TrainingRun`: its metrics live, system metrics, FAILED with the log's tail if it
+    fails; `opened` is told its id before training starts); register continues it."""
+    from ml import champion, tracking  # MLflow
+
+    paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
+    client = tracking.connect(cfg.registry)
+    if cfg.eval.score_while_loaded:
+        champion.fetch(client, cfg.registry, paths.champion)
+    with tracking.TrainingRun(client, cfg, run_key or paths.root.name, paths.train) as run:
+        if opened:
+            opened(run.run_id)
+        if not cfg.train.isolate:
+            from ml.backend import train_here  # torch, and Unsloth before transformers
+
+            return asdict(train_here(cfg, paths.splits, paths.train, score_in=paths))
+        return _train_in_child(cfg, paths)
+
+
+def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
+    """The child's command line; the run's resolved config travels as a file in the run folder."""
+    write_json(paths.config, cfg.model_dump(mode="json"))
+    return [sys.executable, "-m", "ml", "train", "--config", str(paths.config), "--run-key", paths.root.name]
+
+
+def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """`python -m ml train` with this run's resolved config; its log lines stream into ours. A child
+    still running at its time limit is stopped; the task's retry resumes from the last checkpoint."""
+    cmd = training_command(cfg, paths)
+    with paths.split("train").open(encoding="utf-8") as f:
+        rows = sum(1 for _ in f)
+    limit, steps = cfg.train_time_limit_s(rows), cfg.train.optimizer_steps(rows)
+    log.info("starting training process (time limit %.0f s for %d steps): %s", limit, steps, " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s"}
+    done = supervise.run(cmd, limit_s=limit, env=env, on_line=lambda line: log.info("[train] %s", line))
+    text = "\n".join(done.tail)
+    if done.expired:
+        raise TrainingFailed(f"training did not finish within its time limit of {limit:.0f} s "
+                             f"(train.timeout_per_step_s x {steps} steps + train.timeout_startup_s, at most "
+                             "deploy.train_timeout_cap_h) and was stopped; a retry resumes from the last "
+                             "checkpoint. Last output:\n" + text)
+    if done.returncode != 0:
+        hint = ("; CUDA ran out of memory: lower train.per_device_train_batch_size (raising "
+                "gradient_accumulation_steps keeps the optimisation the same) or model.max_seq_length"
+                if "out of memory" in text.lower() else "")
+        rc = done.returncode
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        raise TrainingFailed(f"training process {how}{hint}. Last output:\n{text}")
+    log.info("the training process ended after %.1fs", done.seconds)
+    return {**read_json(paths.trained.result), "process_s": round(done.seconds, 1)}
