@@ -15,6 +15,7 @@ from ml.config import (
     load_config,
     parse_overrides,
     read_profile,
+    role,
 )
 from ml.errors import ConfigError
 from ml.params import PARAM_PATHS, config_from_params
@@ -188,3 +189,50 @@ def test_the_form_reads_local_paths_only_inside_its_roots(tmp_path: Path) -> Non
                          ("base_model", "/etc"), ("dataset", str(project_root() / "ml" / "config.py"))):
         with pytest.raises(ConfigError, match=f"{param} .* is outside the folders the trigger form may read"):
             config_from_params({"profile": "demo", param: value})
+
+
+# A valid value other than the default, where adding one, halving or negating does not give one.
+OTHER_VALUE = {"registry.confidence": 0.9, "validation.script_mostly": 0.5, "data.columns": {"QUESTION": "q"},
+               "data.id_column": "PMID", "data.revision": "v2", "model.revision": "v2", "lora.top_k_layers": 2,
+               "registry.tracking_uri": "sqlite:///elsewhere.db", "registry.artifact_location": "elsewhere",
+               "train.padding_free": True, "validation.script": "latin", "train.warmup_ratio": 0.1,
+               "lora.dropout": 0.1}
+
+
+def _other(dotted: str, value: Any) -> Any:
+    if dotted in OTHER_VALUE:
+        return OTHER_VALUE[dotted]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2
+    if isinstance(value, list):  # a [min, max] pair gets a larger max
+        return [value[0], value[1] + 1] if value and isinstance(value[0], int) else [*value, "x"]
+    section, _, name = dotted.partition(".")
+    choices = getattr((SECTIONS[section] if name else PipelineConfig).model_fields[name or section].annotation,
+                      "__args__", ())
+    return next((c for c in choices if isinstance(c, str) and c != value), f"{value}-x")
+
+
+@pytest.mark.parametrize("dotted", sorted(PipelineConfig().flat()))
+def test_every_setting_has_one_role_and_only_training_settings_change_the_skip_hash(dotted: str) -> None:
+    """The skip-when-unchanged hash and the review card count training settings only: a new field must
+    be classified in ml.config.ROLES to pass, and its role must match what it does to the hash."""
+    from ml.identity import config_hash
+    from ml.review_card import config_changes, param_value
+
+    base = PipelineConfig()
+    tree = base.model_dump(mode="json")
+    *section, key = dotted.split(".")
+    (tree[section[0]] if section else tree)[key] = _other(dotted, base.flat()[dotted])
+    changed = PipelineConfig.model_validate(tree)
+    assert changed.flat()[dotted] != base.flat()[dotted]
+    logged = {k: param_value(v) for k, v in base.flat().items()}  # the champion's params, as MLflow holds them
+    shown = [k for k, _, _ in config_changes(changed.flat(), logged)]
+    if role(dotted) == "training":
+        assert config_hash(changed) != config_hash(base) and shown == [dotted]
+    else:
+        assert role(dotted) == "operational"
+        assert config_hash(changed) == config_hash(base) and shown == []
