@@ -12,7 +12,7 @@
 # later calls on the same warm machine find it. That machine's environment sets
 # PYTHONDONTWRITEBYTECODE=1 and its image lacks the bytecode of some packages (numpy, jinja2,
 # urllib3, ...), so without this every process compiled those and the project's modules from source
-# (~350 modules, about half a second per process): the image's packages are compiled once per machine
+# (docs/benchmarks.md says what that cost): the image's packages are compiled once per machine
 # too, and the project's code in each call (its tree is new each time). Files larger than one call
 # may carry travel in pieces over several calls on one warm machine: each call's `.carry-*/` folders
 # are gathered into /tmp/parts.

@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # A step's process imports thousands of modules (MLflow, Great Expectations, transformers) that live as long
-    # as it does, and Python's collector walks all of them on each full pass and again at exit: about 3 s of a
-    # pipeline run on two cores (docs/benchmarks.md). So full passes come 10x less often (young objects are
+    # as it does, and Python's collector walks all of them on each full pass and again at exit, a measurable part
+    # of a pipeline run (docs/benchmarks.md). So full passes come 10x less often (young objects are
     # collected as before), except in the trainer, whose reference cycles may hold GPU memory; and what is alive
     # at the end is frozen out of the exit's passes (exit handlers, thread joins and flushes still run).
     if sys.argv[1:2] != ["train"]:

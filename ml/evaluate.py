@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from ml.data import DECISIONS, QAExample
 from ml.promotion import RowScore
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all, render
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as Model
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class LossResult:
         return math.exp(min(self.loss, 50.0))
 
 
-def decision_token_ids(tokenizer: Any) -> list[int]:
+def decision_token_ids(tokenizer: Tokenizer) -> list[int]:
     """The first token of each decision word as an answer starts ("Yes. ..."), in DECISIONS order."""
     ids = [tokenizer(f"{d.capitalize()}.", add_special_tokens=False)["input_ids"][0] for d in DECISIONS]
     if len(set(ids)) < len(ids):
@@ -54,7 +58,7 @@ def decision_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int = 8,
+def token_loss(model: Model, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int = 8,
                decisions: Sequence[int | None] = (), decision_ids: Sequence[int] = ()) -> LossResult:
     """Loss per answer token; with `decisions` (per row: the index of its true decision in
     `decision_ids`, or None), also the share of rows whose most likely first answer token is it."""
@@ -96,7 +100,7 @@ def token_loss(model: Any, encoded: Sequence[Encoded], pad_token_id: int, batch_
                       [x if x is not None else float("nan") for x in row_nll], row_tokens)
 
 
-def row_scores(tokenizer: Any, examples: Sequence[QAExample], encoded: Sequence[Encoded],
+def row_scores(tokenizer: Tokenizer, examples: Sequence[QAExample], encoded: Sequence[Encoded],
                result: LossResult) -> list[RowScore]:
     """Per test row: its answer NLL and token count under this model, and the UTF-8 bytes of the
     answer text that was scored (what truncation left of it), for a tokenizer-free comparison."""
@@ -109,7 +113,7 @@ def row_scores(tokenizer: Any, examples: Sequence[QAExample], encoded: Sequence[
     return out
 
 
-def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
+def evaluate_model(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
                    batch_size: int) -> LossResult:
     """The model's loss on `examples`, with each row's score by key."""
     encoded = encode_all(tokenizer, examples, fmt)
@@ -122,7 +126,7 @@ def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[QAExample], fm
     return replace(result, nll=None, row_tokens=None, rows=row_scores(tokenizer, examples, encoded, result))
 
 
-def sample_rows(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat, n: int,
+def sample_rows(tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat, n: int,
                 max_new_tokens: int) -> list[QAExample]:
     """The first `n` examples whose prompt leaves room for a `max_new_tokens` answer within
     `fmt.max_length` tokens: the model never trained on a longer sequence (and Unsloth's fast
@@ -137,7 +141,7 @@ def sample_rows(tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat
     return rows
 
 
-def generate_answers(model: Any, tokenizer: Any, examples: Sequence[QAExample], fmt: PromptFormat,
+def generate_answers(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
                      max_new_tokens: int, batch_size: int = 8) -> list[str]:
     """Greedy answers, `batch_size` prompts at a time, each batch padded on the left so that every
     answer starts right after its prompt (the attention mask hides the padding). One decoding loop per

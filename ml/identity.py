@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ml.config import PipelineConfig
+from ml.config import PipelineConfig, project_root
 from ml.data import QAExample, normalize_question
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -116,3 +117,13 @@ def config_hash(cfg: PipelineConfig) -> str:
     """The training settings (ml.config `ROLES`) as a short hash: equal hashes train the same way."""
     body = json.dumps(cfg.training_settings(), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def code_commit() -> str | None:
+    """The project's git commit, where it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training, set_peft_model_state_dict
@@ -14,6 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ml.base_models import quiet_progress_bars, resolve
 from ml.config import ModelConfig, PipelineConfig
 from ml.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as Model
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
+def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Tokenizer:
     quiet_progress_bars()
     ref = path or model_ref(cfg)
     try:
@@ -58,7 +62,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
     return tok
 
 
-def load_base_model(cfg: ModelConfig) -> Any:
+def load_base_model(cfg: ModelConfig) -> Model:
     """The base model on the best device; 4-bit NF4 on CUDA when configured."""
     ref = model_ref(cfg)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg), "trust_remote_code": False}
@@ -76,7 +80,7 @@ def load_base_model(cfg: ModelConfig) -> Any:
         raise ModelLoadError(f"cannot load base model {ref!r}: {exc}") from exc
 
 
-def load_with_adapter(cfg: ModelConfig, adapter_dir: Path | None) -> tuple[Any, Any]:
+def load_with_adapter(cfg: ModelConfig, adapter_dir: Path | None) -> tuple[Model, Tokenizer]:
     """(model, tokenizer) for evaluation or serving; the adapter's own tokenizer wins."""
     model = load_base_model(cfg)
     tokenizer = load_tokenizer(cfg, str(adapter_dir) if adapter_dir else None)
@@ -98,7 +102,7 @@ def _layout(config: Any) -> dict[str, Any]:
     return {key: plain(getattr(config, key, None)) for key in LORA_LAYOUT}
 
 
-def use_adapter(model: Any, adapter_dir: Path) -> None:
+def use_adapter(model: Model, adapter_dir: Path) -> None:
     """Make `model` (a PeftModel) run the LoRA adapter in `adapter_dir` instead of its own.
 
     With the same layout (`LORA_LAYOUT`: a retrain of the same profile) its weights replace the active
@@ -118,7 +122,7 @@ def use_adapter(model: Any, adapter_dir: Path) -> None:
                              f"{loaded.unexpected_keys[:3]}, not loaded {kept[:3]}")
 
 
-def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Any, Any, LoraConfig | None]:
+def load_for_training(cfg: PipelineConfig, backend: str) -> tuple[Model, Tokenizer, LoraConfig | None]:
     """(model, tokenizer, peft_config) to train. Unsloth's model comes wrapped in its LoRA already;
     for the hf backend, TRL wraps the model in `peft_config` (and prepares a 4-bit one) itself."""
     lc, t = cfg.lora, cfg.train

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml.config import PipelineConfig
 from ml.data import read_split
@@ -32,9 +32,14 @@ from ml.modeling import load_with_adapter, model_ref, use_adapter
 from ml.prompt import PromptFormat
 from ml.runs import Champion, RunPaths, read_champion, write_json
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as Model
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
 log = logging.getLogger(__name__)
 
-def score(cfg: PipelineConfig, paths: RunPaths, model: Any, tokenizer: Any, champ: Champion | None,
+
+def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokenizer, champ: Champion | None,
           where: str) -> dict[str, Any]:
     """Score the loaded challenger and its comparator on the test split; write and return the record."""
     start = time.perf_counter()
@@ -109,7 +114,7 @@ def score_again(cfg: PipelineConfig, paths: RunPaths, champ: Champion | None, wh
     return score(cfg, paths, model, tokenizer, champ, where)
 
 
-def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Any, Any], None] | None:
+def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Model, Tokenizer], None] | None:
     """What the trainer runs with its model still loaded: scoring against the champion the train task
     fetched (None when switched off or nothing was fetched). A failure there costs only time: it is
     logged, and the evaluate step loads the model and scores."""
@@ -117,7 +122,7 @@ def after_training(cfg: PipelineConfig, paths: RunPaths) -> Callable[[Any, Any],
     if not (cfg.eval.score_while_loaded and fetched):
         return None
 
-    def run(model: Any, tokenizer: Any) -> None:
+    def run(model: Model, tokenizer: Tokenizer) -> None:
         try:
             score(cfg, paths, model, tokenizer, champ, "training process")
         except Exception as exc:  # noqa: BLE001  (the adapter is saved; evaluate scores instead)

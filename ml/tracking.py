@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import mlflow
@@ -34,10 +34,10 @@ from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from ml.config import PipelineConfig, RegistryConfig, project_root, resolve_path
+from ml.config import PipelineConfig, RegistryConfig, resolve_path
 from ml.data import read_split
 from ml.errors import RegistryUnavailable
-from ml.identity import adapter_hash, config_hash
+from ml.identity import adapter_hash, code_commit, config_hash
 from ml.plots import loss_curve
 from ml.promotion import Decision
 from ml.review_card import param_value
@@ -102,15 +102,6 @@ def ensure_experiment(client: MlflowClient, reg: RegistryConfig) -> str:
         return str(exp.experiment_id)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-                             text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def log_skipped(client: MlflowClient, cfg: PipelineConfig, run_key: str, reason: str,
                 snapshot: dict[str, Any]) -> str:
     """A finished run that says why this retrain did not train: nothing changed since the champion."""
@@ -165,8 +156,7 @@ class TrainingRun:
     def __init__(self, client: MlflowClient, cfg: PipelineConfig, run_key: str, train_dir: Path,
                  every_s: float = 2.0) -> None:
         self.client, self.cfg, self.run_key, self.every_s = client, cfg, run_key, every_s
-        self.files = TrainFiles(train_dir)
-        self.file = self.files.metrics
+        self.file, self.adapter = TrainFiles(train_dir).metrics, TrainFiles(train_dir).adapter
         self.offset, self.stop, self.thread = 0, threading.Event(), threading.Thread(target=self._poll, daemon=True)
         self.run_id = ""
 
@@ -203,14 +193,15 @@ class TrainingRun:
             except (MlflowException, OSError, ValueError) as exc:  # the server away a moment: the next poll
                 log.warning("relaying training metrics to MLflow: %s", exc)  # catches up
 
-    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         self.stop.set()
         self.thread.join()
         self.relay()
         if error is not None:
             mlflow.log_text(str(error), "train/log_tail.txt")
         else:  # which adapter it wrote: register continues only the run of the adapter it registers
-            mlflow.set_tag(ADAPTER_TAG, adapter_hash(self.files.adapter))
+            mlflow.set_tag(ADAPTER_TAG, adapter_hash(self.adapter))
         mlflow.end_run("FAILED" if error is not None else "FINISHED")
 
 
@@ -251,7 +242,7 @@ def run_record(cfg: PipelineConfig, run_key: str, ev: dict[str, Any], snap: dict
     run_tags = {RUN_KEY_TAG: run_key, "base_model": cfg.model.base_model, "profile": cfg.profile,
                 "decision": decision["outcome"], "data_fingerprint": snap["fingerprint"],
                 "data_source": snap["source"], "config_sha256": config_hash(cfg), **ev["identity"], **tags}
-    commit = git_commit()
+    commit = code_commit()
     if commit:
         run_tags["mlflow.source.git.commit"] = commit
     return metrics, run_tags
@@ -335,7 +326,7 @@ def log_datasets(cfg: PipelineConfig, paths: RunPaths, fingerprint: str) -> dict
     source under the snapshot's fingerprint, in its context (training, validation, test)."""
     d = cfg.data
     if d.is_local:
-        with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice and warns
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             source: Any = resolve_dataset_source(d.uri)
     else:

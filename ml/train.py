@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -35,6 +35,10 @@ from ml.errors import DataError
 from ml.modeling import load_for_training
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
 from ml.runs import TrainFiles
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as Model
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class TrainResult:
 
 
 def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Sequence[Any] = (),
-          then: Callable[[Any, Any], None] | None = None) -> TrainResult:
+          then: Callable[[Model, Tokenizer], None] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `splits_dir/train.jsonl`; write everything to `out_dir`.
 
     `callbacks`: extra transformers `TrainerCallback`s (benchmarks use them to profile).

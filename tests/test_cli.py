@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import ROOT, SAMPLE
 
+from ml.runs import RunPaths
+
 
 def _ml(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ml", *args], cwd=ROOT, capture_output=True, text=True,
@@ -89,7 +91,7 @@ def test_validate_is_a_step_of_a_run(tmp_path: Path, tiny_model: Path) -> None:
         assert _ml("load", *common, "--set", f"data.source={data}").returncode == 0
         out = _ml("validate", *common)
         assert out.returncode == code, out.stderr[-2000:]
-        assert json.loads((runs / key / "reports" / "validation.json").read_text())["success"] is (code == 0)
+        assert json.loads(RunPaths(runs / key).validation.read_text())["success"] is (code == 0)
     assert "failed" in out.stderr.lower() and rows[3]["PMID"] in out.stderr
     out = _ml("validate", "--profile", "e2e", "--run-key", "good", "--data", str(SAMPLE))
     assert out.returncode == 2 and "drop --data" in out.stderr

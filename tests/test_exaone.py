@@ -141,7 +141,7 @@ def _exaone_run(root: Path, exaone: Path, key: str, **overrides: Any) -> tuple[A
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
     pipeline.register(cfg, paths, key)
-    promoted = read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
+    promoted = read_json(paths.evaluation)["decision"]["outcome"] == "promote"
     (pipeline.promote if promoted else pipeline.keep)(cfg, paths)
     return cfg, paths
 
@@ -157,9 +157,9 @@ def test_the_exaone_profile_trains_evaluates_and_reloads_as_a_pyfunc(
     adapter = json.loads((paths.train / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
-    evaluation = read_json(paths.reports / "evaluation.json")
+    evaluation = read_json(paths.evaluation)
     assert evaluation["challenger"]["loss"] < evaluation["baseline"]["loss"], evaluation["decision"]["reason"]
-    version = read_json(paths.reports / "registered.json")["version"]
+    version = read_json(paths.registered)["version"]
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{version}")
     answers = model.predict(pd.DataFrame([{"QUESTION": "금연은 폐 기능을 개선하는가?", "CONTEXTS": ["코호트 연구."]}]),
                             params={"max_new_tokens": 4})

@@ -108,7 +108,7 @@ def evaluated(module_tracking: str, tiny_model: Path, tmp_path_factory: pytest.T
     cfg = pipeline.freeze(cfg, paths)
     for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
         step(cfg, paths)
-    assert read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
+    assert read_json(paths.evaluation)["decision"]["outcome"] == "promote"
     return cfg, paths
 
 

@@ -80,7 +80,7 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
     assert accuracy[-1] > accuracy[0], accuracy
     assert result["peak_gpu_gib"] < 16
 
-    out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.root / "config.json"), str(paths.root)],
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.config), str(paths.root)],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     reloaded = json.loads(out.stdout.split("RELOAD ", 1)[1])

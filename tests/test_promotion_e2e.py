@@ -18,7 +18,7 @@ from ml.config import load_config
 from ml.data import read_split
 from ml.errors import GateFailed, RegistryConflict
 from ml.pipeline.local import run_all
-from ml.runs import read_json, run_paths
+from ml.runs import RunPaths, read_json, run_paths
 
 pytestmark = pytest.mark.slow
 
@@ -104,13 +104,13 @@ def test_a_worse_run_promoting_last_is_scored_again_against_the_new_champion(
     strong_cfg = _cfg(name, tmp_path, **{"train.max_steps": 60})
     weak, strong = _until_register(weak_cfg, "weak"), _until_register(strong_cfg, "strong")
     for paths in (weak, strong):
-        ev = read_json(paths.reports / "evaluation.json")
+        ev = read_json(paths.evaluation)
         assert ev["decision"]["outcome"] == "promote" and ev["champion_version"] is None
         assert ev["scored_in"] == "training process"  # scored by the trainer, with its model loaded
     pipeline.promote(strong_cfg, strong, "strong")
     result = pipeline.promote(weak_cfg, weak, "weak")
-    assert read_json(weak.reports / "evaluation.json")["scored_in"] == "promote step"  # @champion moved
-    strong_version = read_json(strong.reports / "registered.json")["version"]
+    assert read_json(weak.evaluation)["scored_in"] == "promote step"  # @champion moved
+    strong_version = read_json(strong.registered)["version"]
     assert not result["promoted"] and f"champion v{strong_version}" in result["reason"], result
     assert _alias(client, name, "champion") == strong_version and _alias(client, name, "previous_champion") is None
 
@@ -122,7 +122,7 @@ def test_a_manual_rollback_between_evaluate_and_promote_is_respected(
         assert run_all(_cfg(name, tmp_path, **{"train.max_steps": steps}), key)["promoted"], key
     cfg = _cfg(name, tmp_path, **{"train.max_steps": 90})
     paths = _until_register(cfg, "r3")
-    assert read_json(paths.reports / "evaluation.json")["decision"]["outcome"] == "promote"
+    assert read_json(paths.evaluation)["decision"]["outcome"] == "promote"
     out = subprocess.run([sys.executable, "-m", "ml", "rollback", "--profile", "e2e", "--set",
                           f"registry.model_name={name}", "--reason", "v2 answers drift"],
                          cwd=ROOT, capture_output=True, text=True)
@@ -153,7 +153,7 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
     name = "p-rerun"
     cfg = _cfg(name, tmp_path, **{"train.max_steps": 30})
     paths = _until_register(cfg, "same-key")
-    first = read_json(paths.reports / "registered.json")
+    first = read_json(paths.registered)
 
     def artifacts(version: str) -> dict[str, bytes]:  # every file of the version's run and model, by path
         import mlflow
@@ -196,7 +196,7 @@ def test_the_champion_is_never_scored_on_its_own_training_rows_after_the_dataset
     # keyed by question text instead of PMID: every key changes, and so do the splits
     rekeyed = _cfg(name, tmp_path, **{"data.id_column": None})
     result = run_all(rekeyed, "by-question")
-    ev = read_json(Path(result["run_dir"]) / "reports" / "evaluation.json")
+    ev = read_json(RunPaths(Path(result["run_dir"])).evaluation)
     test = read_split(Path(result["run_dir"]) / "splits", "test")
     overlap = {ex.key for ex in test if ex.question in trained_questions}
     assert overlap and set(ev["excluded_rows"]) == overlap
@@ -244,7 +244,7 @@ def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_mode
         run_all(cfg, "bad-data")
     assert rows[2]["PMID"] in str(failed.value) and "[content]" in str(failed.value)
     run_dir = tmp_path / "runs" / "bad-data"
-    assert not json.loads((run_dir / "reports" / "validation.json").read_text())["success"]
+    assert not json.loads(RunPaths(run_dir).validation.read_text())["success"]
     assert not (run_dir / "splits").exists() and not (run_dir / "train").exists()
     assert client.search_model_versions("name='p-gate'") == []
     exp = client.get_experiment_by_name(cfg.registry.experiment)

@@ -126,7 +126,7 @@ def _short_run(root: Path, smollm2: Path, seed: int) -> tuple[Any, Any, dict[str
     pipeline.prepare(cfg, paths)
     pipeline.train(cfg, paths)
     pipeline.evaluate(cfg, paths)
-    return cfg, paths, read_json(paths.reports / "evaluation.json")
+    return cfg, paths, read_json(paths.evaluation)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_registers_once(
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (paths.train / "adapter").exists() and not (paths.train / "train_result.json").exists()
+    assert not paths.trained.adapter.exists() and not paths.trained.result.exists()
 
     # The retry: what Airflow does with the failed task.
     result = pipeline.train(cfg, paths)
@@ -99,7 +99,7 @@ def test_a_trainer_past_its_time_limit_is_stopped_and_fails_naming_the_limit(
     with pytest.raises(TrainingFailed, match="did not finish within its time limit of 4 s"):
         pipeline.train(cfg, paths)
     assert time.monotonic() - started < 60
-    config = str(paths.root / "config.json")
+    config = str(paths.config)
     left = subprocess.run(["pgrep", "-f", config], capture_output=True, text=True)
     assert left.stdout == "", f"training processes left running: {left.stdout}"
 

@@ -114,7 +114,7 @@ def test_another_adapter_runs_in_place_of_the_first_or_beside_it(trained: Any, t
 def test_sample_answers_are_asked_only_where_the_answer_fits(trained: Any) -> None:
     cfg, paths, _ = trained
     test = read_split(paths.splits, "test")
-    tok = load_tokenizer(cfg.model, str(paths.train / "adapter"))
+    tok = load_tokenizer(cfg.model, str(paths.trained.adapter))
     fmt = PromptFormat.from_config(cfg)
     lengths = [len(tok(render(tok, fmt, ex.question, ex.contexts)[0], add_special_tokens=False)["input_ids"])
                for ex in test]
