@@ -30,10 +30,11 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ml import registry, tracking
 from ml.config import RegistryConfig
 from ml.errors import ConfigError, RegistryConflict
 from ml.promotion import Decision
-from ml.registry import Registered, record_outcome, visible
+from ml.registry import Registered, visible
 from ml.runs import Champion, read_champion, write_champion
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def promote(client: MlflowClient, reg: RegistryConfig, registered: Registered, d
     """The pipeline's promotion: @champion to the run's version, if it still is at `expected`
     (call under `lock`); the version is tagged promoted with the decision's numbers."""
     previous = move(client, reg, registered.version, expected, f"pipeline {run_key}")
-    record_outcome(client, reg, registered, "promoted", decision)
+    _record(client, reg, registered, "promoted", decision)
     log.info("promoted %s version %s to @%s (previous: %s)", reg.model_name, registered.version,
              reg.champion_alias, previous)
 
@@ -174,9 +175,14 @@ def promote(client: MlflowClient, reg: RegistryConfig, registered: Registered, d
 def keep(client: MlflowClient, reg: RegistryConfig, registered: Registered, decision: Decision) -> None:
     """The pipeline keeps the champion: the run's version is tagged rejected (or needs_review);
     every alias stays where it is."""
-    record_outcome(client, reg, registered, "needs_review" if decision.outcome == "needs_review" else "rejected",
-                   decision)
+    _record(client, reg, registered, "needs_review" if decision.outcome == "needs_review" else "rejected", decision)
     log.info("%s version %s not promoted: %s", reg.model_name, registered.version, decision.reason)
+
+
+def _record(client: MlflowClient, reg: RegistryConfig, registered: Registered, outcome: str,
+            decision: Decision) -> None:
+    registry.record_outcome(client, reg, registered.version, outcome, decision)
+    tracking.record_outcome(client, registered.run_id, outcome, decision.reason)
 
 
 def manual_move(client: MlflowClient, reg: RegistryConfig, to: str | None, reason: str,

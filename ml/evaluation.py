@@ -58,6 +58,28 @@ def majority_share(test: Sequence[QAExample]) -> float | None:
     return max(counts.values()) / sum(counts.values()) if counts else None
 
 
+def metrics(record: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any]) -> dict[str, float]:
+    """The run's numbers as MLflow logs them: the evaluation record's, the snapshot's and the training's."""
+    decision = record["decision"]
+    out = {"test_loss": record["challenger"]["loss"], "baseline_test_loss": record["baseline"]["loss"],
+           "test_answer_tokens": record["challenger"]["tokens"], "final_train_loss": trained["train_loss"],
+           "train_runtime_s": trained["runtime_s"], "train_examples": trained["train_examples"],
+           "truncated_train_examples": trained["truncated_examples"], "dataset_rows": snap["rows"],
+           "test_rows_compared": decision["rows"]}
+    interval = {"challenger_nats_per_byte": decision["challenger_nats_per_byte"],
+                "baseline_nats_per_byte": decision["baseline_nats_per_byte"], "improvement": decision["improvement"],
+                "improvement_low": decision["low"], "improvement_high": decision["high"]}
+    out.update({k: v for k, v in interval.items() if v is not None})
+    if trained["eval_loss"] is not None:
+        out["final_val_loss"] = trained["eval_loss"]
+    for prefix, result in (("", record["challenger"]), ("baseline_", record["baseline"])):
+        if result.get("decision_accuracy") is not None:
+            out[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
+    if record.get("decision_majority_share") is not None:
+        out["test_decision_majority_share"] = record["decision_majority_share"]
+    return out
+
+
 def read(paths: RunPaths) -> tuple[Decision, dict[str, Any]]:
     """(the decision, the whole record) as the last evaluation or release step left them."""
     record = read_json(paths.evaluation)

@@ -26,7 +26,7 @@ from ml.errors import RegistryConflict, RegistryUnavailable
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
 from ml.signature import signature
-from ml.tracking import ADAPTER_TAG, RUN_KEY_TAG
+from ml.tracking import ADAPTER_TAG, RUN_KEY_TAG, runs_of
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,14 @@ def visible(client: MlflowClient, name: str) -> bool:
 def find_registered(client: MlflowClient, reg: RegistryConfig, run_key: str, adapter: str) -> Registered | None:
     """The version an earlier attempt of this pipeline run registered for this very adapter, if any
     (another attempt's adapter under the same key is another version)."""
-    exp = client.get_experiment_by_name(reg.experiment)
-    if exp is None:
-        return None
-    for run in client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+    for run_id in runs_of(client, reg, run_key):
         try:
-            versions = client.search_model_versions(f"name='{reg.model_name}' and run_id='{run.info.run_id}'")
+            versions = client.search_model_versions(f"name='{reg.model_name}' and run_id='{run_id}'")
         except MlflowException:
             continue
         for v in versions:
             if v.tags.get(ADAPTER_TAG) == adapter:
-                return Registered(run.info.run_id, str(v.version), f"models:/{reg.model_name}/{v.version}")
+                return Registered(run_id, str(v.version), f"models:/{reg.model_name}/{v.version}")
     return None
 
 
@@ -162,14 +159,10 @@ def tag_numbers(client: MlflowClient, reg: RegistryConfig, version: str, decisio
         client.set_model_version_tag(reg.model_name, version, key, value)
 
 
-def record_outcome(client: MlflowClient, reg: RegistryConfig, registered: Registered, outcome: str,
-                   decision: Decision) -> None:
-    """What became of the version (promoted, rejected, needs_review), on it and on its run, with the
-    decision's numbers and reason."""
-    tag_numbers(client, reg, registered.version, decision)
-    client.set_model_version_tag(reg.model_name, registered.version, "decision", outcome)
-    client.set_tag(registered.run_id, "decision", outcome)
-    client.set_tag(registered.run_id, "decision_reason", decision.reason)
+def record_outcome(client: MlflowClient, reg: RegistryConfig, version: str, outcome: str, decision: Decision) -> None:
+    """What became of the version (promoted, rejected, needs_review), with the decision's numbers."""
+    tag_numbers(client, reg, version, decision)
+    client.set_model_version_tag(reg.model_name, version, "decision", outcome)
 
 
 def check_adapter(client: MlflowClient, reg: RegistryConfig, registered: Registered, adapter: str) -> None:

@@ -218,34 +218,17 @@ def training_run(client: MlflowClient, experiment_id: str, run_key: str, adapter
     return None
 
 
-def run_record(cfg: PipelineConfig, run_key: str, ev: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any],
-               tags: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, tags) of a run's evidence, from its evaluation, snapshot and training records; `tags`
-    (the Airflow run, say) are added to the run's own."""
-    decision = ev["decision"]
-    metrics = {"test_loss": ev["challenger"]["loss"], "baseline_test_loss": ev["baseline"]["loss"],
-               "test_answer_tokens": ev["challenger"]["tokens"], "final_train_loss": trained["train_loss"],
-               "train_runtime_s": trained["runtime_s"], "train_examples": trained["train_examples"],
-               "truncated_train_examples": trained["truncated_examples"], "dataset_rows": snap["rows"],
-               "test_rows_compared": decision["rows"]}
-    interval = {"challenger_nats_per_byte": decision["challenger_nats_per_byte"],
-                "baseline_nats_per_byte": decision["baseline_nats_per_byte"], "improvement": decision["improvement"],
-                "improvement_low": decision["low"], "improvement_high": decision["high"]}
-    metrics.update({k: v for k, v in interval.items() if v is not None})
-    if trained["eval_loss"] is not None:
-        metrics["final_val_loss"] = trained["eval_loss"]
-    for prefix, result in (("", ev["challenger"]), ("baseline_", ev["baseline"])):
-        if result.get("decision_accuracy") is not None:
-            metrics[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
-    if ev.get("decision_majority_share") is not None:
-        metrics["test_decision_majority_share"] = ev["decision_majority_share"]
+def evidence_tags(cfg: PipelineConfig, run_key: str, ev: dict[str, Any], snap: dict[str, Any],
+                  tags: dict[str, str]) -> dict[str, str]:
+    """The tags of a version's run: its key, base, profile, decision, data, training settings and
+    identities (ml/identity.py), and `tags` (the Airflow run, say)."""
     run_tags = {RUN_KEY_TAG: run_key, "base_model": cfg.model.base_model, "profile": cfg.profile,
-                "decision": decision["outcome"], "data_fingerprint": snap["fingerprint"],
+                "decision": ev["decision"]["outcome"], "data_fingerprint": snap["fingerprint"],
                 "data_source": snap["source"], "config_sha256": config_hash(cfg), **ev["identity"], **tags}
     commit = code_commit()
     if commit:
         run_tags["mlflow.source.git.commit"] = commit
-    return metrics, run_tags
+    return run_tags
 
 
 @contextlib.contextmanager
@@ -285,6 +268,20 @@ def evidence_run(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, run
         if samples:
             mlflow.log_table(pd.DataFrame(samples), artifact_file="reports/sample_generations.json")
         yield run_id, datasets
+
+
+def runs_of(client: MlflowClient, reg: RegistryConfig, run_key: str) -> list[str]:
+    """The ids of every MLflow run of a pipeline run key, in the configured experiment."""
+    exp = client.get_experiment_by_name(reg.experiment)
+    if exp is None:
+        return []
+    return [run.info.run_id for run in client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'")]
+
+
+def record_outcome(client: MlflowClient, run_id: str, outcome: str, reason: str) -> None:
+    """What became of the run's version (promoted, rejected, needs_review), and why, on the run."""
+    client.set_tag(run_id, "decision", outcome)
+    client.set_tag(run_id, "decision_reason", reason)
 
 
 def finish_run(client: MlflowClient, run_id: str) -> None:

@@ -8,9 +8,9 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from ml import evaluation
 from ml.config import PipelineConfig
 from ml.errors import RegistryConflict
-from ml.evaluation import conclude, read, redecide
 from ml.identity import adapter_hash
 from ml.promotion import Decision, overruled
 from ml.review_card import config_changes, render, row_changes
@@ -31,7 +31,7 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str,
     retry finds the version its earlier attempt registered for this adapter instead of adding one."""
     from ml import registry, tracking  # MLflow
 
-    decision, ev = read(paths)
+    decision, ev = evaluation.read(paths)
     adapter = _evaluated_adapter(paths, ev)
     if links is not None:
         write_json(paths.links, links)
@@ -42,8 +42,9 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str,
         log.info("run %s already registered version %s; not registering again", run_key, registered.version)
         tracking.finish_run(client, registered.run_id)
     else:
-        metrics, run_tags = tracking.run_record(cfg, run_key, ev, read_json(paths.snapshot),
-                                                read_json(paths.trained.result), tags or {})
+        snap = read_json(paths.snapshot)
+        metrics = evaluation.metrics(ev, snap, read_json(paths.trained.result))
+        run_tags = tracking.evidence_tags(cfg, run_key, ev, snap, tags or {})
         with tracking.evidence_run(client, cfg, paths, run_key, metrics=metrics, tags=run_tags, decision=decision,
                                    samples=ev["samples"]) as (run_id, datasets):
             test_metrics = {k: v for k, v in metrics.items() if k.startswith(("test_", "baseline_test_"))}
@@ -64,7 +65,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
     the decision becomes needs_review. Either way a version not promoted is kept, as by `keep`."""
     from ml import champion, registry, tracking  # MLflow
 
-    registered, (decision, ev) = _registered(paths), read(paths)
+    registered, (decision, ev) = _registered(paths), evaluation.read(paths)
     if not decision.promote:
         raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
     reg, client = cfg.registry, tracking.connect(cfg.registry)
@@ -74,12 +75,12 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
         moved = champion.moved_since(client, reg, expected, registered.version)
         if moved and moved.by_hand:  # a person's choice is not overridden
             decision = overruled(decision, reg.champion_alias, moved.now, moved.set_by)
-            redecide(paths, ev, decision)
+            evaluation.redecide(paths, ev, decision)
         elif moved:  # another run promoted: against the new champion, under the lock (nothing moves meanwhile)
             from ml.scoring import score_again  # torch, transformers
 
             scores = score_again(cfg, paths, champion.fetch(client, reg, paths.champion), "promote step")
-            decision, expected = Decision(**conclude(cfg, paths, scores)["decision"]), moved.now
+            decision, expected = Decision(**evaluation.conclude(cfg, paths, scores)["decision"]), moved.now
         if decision.promote:
             champion.promote(client, reg, registered, decision, expected, run_key or paths.root.name)
         else:
@@ -92,7 +93,7 @@ def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Keep the champion: tag this run's version rejected (or needs_review), with the reason."""
     from ml import champion, registry, tracking  # MLflow
 
-    registered, (decision, _) = _registered(paths), read(paths)
+    registered, (decision, _) = _registered(paths), evaluation.read(paths)
     client = tracking.connect(cfg.registry)
     champion.keep(client, cfg.registry, registered, decision)
     registry.describe(client, cfg.registry, registered.version, _review_card(client, cfg, paths, decision))
@@ -101,7 +102,7 @@ def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 def final_decision(paths: RunPaths) -> dict[str, Any]:
     """The decision as it stands after promote or keep (promotion may have scored again)."""
-    return asdict(read(paths)[0])
+    return asdict(evaluation.read(paths)[0])
 
 
 def _outcome(registered: Registered, decision: Decision) -> dict[str, Any]:
