@@ -38,7 +38,7 @@ unit: install
 	$(BIN)/pytest -m "not slow" -q
 
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # docker-compose.yaml booted on a Docker engine (installed and started when missing; root or sudo).
 test-stack: install

@@ -4,7 +4,7 @@ load -> preflight -> validate (data-quality gate) -> prepare -> train -> evaluat
 -> promote_or_keep -> promote_champion | keep_champion -> summary
 
 `preflight` fails the run before any GPU time when MLflow cannot be reached or written to, and
-skips the rest when the data and the effective config equal the champion's (trigger with
+skips the rest when the data and the training settings equal the champion's (trigger with
 force=true to train anyway). The run's config is frozen by its first task. Registry writes
 take the `mlflow_registry` pool (one slot), and promotion re-checks @champion under a lock.
 
@@ -83,7 +83,7 @@ PARAMS = {
     "profile": _param(DEFAULT.profile, {**field_schema("profile"), "enum": available_profiles()}),
     **{name: _param(None, schema) for name, schema in param_schemas().items()},
     "force": Param(False, type="boolean", description_md=(
-        "Train even when the data and the effective config equal the champion's (otherwise the run skips).")),
+        "Train even when the data and the training settings equal the champion's (otherwise the run skips).")),
 }
 
 

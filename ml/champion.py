@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from ml import registry, tracking
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SET_BY_TAG = "champion_set_by"  # on the registered model: "pipeline <run key>" or "manual <user>"
 
 
-def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version holding `alias`, None when none does; any other failure is raised (an alias
     read wrongly as absent would lose `previous_champion`)."""
     try:

@@ -206,7 +206,7 @@ class TrainConfig(_Strict):
         "a crash or OOM fails the task instead of the worker."))
     warm_up_later_steps: bool = Field(True, description=(
         "`python -m ml pipeline` only: while the training process trains, the pipeline's own process "
-        "imports what evaluate and register use and builds MLflow's map of installed packages (ml/warm.py), "
+        "imports what evaluate and register use and builds MLflow's map of installed packages (ml/pipeline/local.py), "
         "so those steps start at once. An Airflow run's steps are processes of their own: no effect there."))
 
     @field_validator("gradient_checkpointing", mode="before")

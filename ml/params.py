@@ -46,13 +46,16 @@ def param_schemas() -> dict[str, dict[str, Any]]:
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
-    """A submitted form -> the run's config. A None/empty field means "keep the profile's value"."""
+    """A submitted form -> the run's config. A None/empty field means "keep the profile's value". The
+    `deploy` settings stay the default profile's, which the DAG was parsed with, whatever the form's
+    profile says."""
     overrides = {PARAM_PATHS[k]: v for k, v in params.items()
                  if k in PARAM_PATHS and v not in (None, "")}
     profile = params.get("profile") or None
     if profile is not None and profile not in available_profiles():  # a name, never a path to some file
         raise ConfigError(f"unknown profile {profile!r}: a run takes one of {', '.join(available_profiles())}")
     cfg = load_config(profile, overrides)
+    cfg = cfg.model_copy(update={"deploy": load_config().deploy})
     roots = [resolve_path(r).resolve() for r in cfg.form_roots]
     for param in ("dataset", "base_model"):
         value = params.get(param)

@@ -221,6 +221,26 @@ def module_tracking(mlflow_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def evaluated_run(mlflow_server: str, tiny_model: Path) -> tuple[Any, Any]:
+    """(config, run folder) of one real training of the tiny model (the e2e profile, 30 steps), scored
+    and evaluated against the bare base model (its registered model has no champion): the tests that
+    ask different things of such a run share it. Read it as it is, or copy the folder to change it."""
+    from ml import pipeline
+    from ml.config import load_config
+    from ml.runs import run_paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        cfg = load_config("e2e", {"output_dir": str(_SESSION_DIR / "shared-runs"),
+                                  "registry.model_name": "shared-never-promoted"})
+        paths = run_paths(cfg, "evaluated")
+        cfg = pipeline.freeze(cfg, paths)
+        for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
+            step(cfg, paths)
+    return cfg, paths
+
+
+@pytest.fixture(scope="session")
 def airflow_db() -> None:
     """Airflow's metadata DB (SQLite in the session's AIRFLOW_HOME), migrated by Airflow's own CLI."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,

@@ -168,6 +168,13 @@ def test_the_dataset_uri_names_a_hub_dataset_or_a_local_file() -> None:
     assert load_config("demo").data.uri == (project_root() / "data/sample/pubmedqa_ko_sample.jsonl").as_uri()
 
 
+def test_a_runs_profile_cannot_change_the_deploy_settings_the_dag_was_parsed_with() -> None:
+    """The trigger form's profile changes how a run trains, not the DAG's schedule, queue, retries or cap."""
+    assert load_config("e2e-manual").deploy.schedule is None  # tests/conftest.py: a profile without a schedule
+    cfg = config_from_params({"profile": "e2e-manual"})
+    assert cfg.profile == "e2e-manual" and cfg.deploy == load_config().deploy and cfg.deploy.schedule == "@weekly"
+
+
 def test_a_run_takes_profile_names_from_the_profile_folders_only(tmp_path: Path) -> None:
     elsewhere = tmp_path / "demo.yaml"
     elsewhere.write_text("extends: demo\n")

@@ -4,6 +4,7 @@ registry step. Real processes: an MLflow server, a socket that never answers, a 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from ml import pipeline
 from ml.config import load_config
 from ml.errors import RegistryUnavailable
 from ml.pipeline.local import run_all
-from ml.runs import read_json, run_paths
+from ml.runs import RunPaths, read_json, run_paths
 
 pytestmark = pytest.mark.slow
 
@@ -100,14 +101,12 @@ def _killed_in(step: str, owner: str, name: str, run_dir: Path, run_key: str, mo
 
 
 @pytest.fixture(scope="module")
-def evaluated(module_tracking: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """(config, run folder) of one trained and evaluated run, frozen as the killed processes read it."""
-    cfg = load_config("e2e", {"output_dir": str(tmp_path_factory.mktemp("faults")), "train.max_steps": 30,
-                              "registry.model_name": "faults-evaluated"})  # no champion: promote over the base
-    paths = run_paths(cfg, "evaluated")
-    cfg = pipeline.freeze(cfg, paths)
-    for step in (pipeline.load, pipeline.validate, pipeline.prepare, pipeline.train, pipeline.evaluate):
-        step(cfg, paths)
+def evaluated(module_tracking: str, evaluated_run: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(config, run folder) of one trained and evaluated run (no champion: promote over the base), a copy
+    of the session's, frozen as the killed processes read it."""
+    cfg, shared = evaluated_run
+    paths = RunPaths(tmp_path_factory.mktemp("faults") / "evaluated")
+    shutil.copytree(shared.root, paths.root)
     assert read_json(paths.evaluation)["decision"]["outcome"] == "promote"
     return cfg, paths
 

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, TrainResult]:
-    return _trained(tmp_path_factory.mktemp("train"))
+def trained(evaluated_run: tuple[Any, Any]) -> tuple[Any, Any, TrainResult]:
+    cfg, paths = evaluated_run
+    return cfg, paths, TrainResult.read(paths.train)
 
 
 def test_training_lowers_the_loss_and_saves_an_adapter(trained: Any) -> None:
