@@ -24,6 +24,7 @@ import yaml
 from ml import configure_logging, pipeline
 from ml.config import PipelineConfig, available_profiles, load_config, parse_overrides, resolve_path
 from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict, RegistryUnavailable
+from ml.pipeline.local import run_all
 from ml.prompt import PromptFormat
 from ml.runs import RunPaths, run_paths
 from ml.settings_reference import reference_markdown
@@ -142,8 +143,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ml.pipeline.local import run_all
-
     _print(run_all(_config(args), args.run_key, force=args.force))
     return EXIT_OK
 
