@@ -225,12 +225,15 @@ def evaluated_run(mlflow_server: str, tiny_model: Path) -> tuple[Any, Any]:
     """(config, run folder) of one real training of the tiny model (the e2e profile, 30 steps), scored
     and evaluated against the bare base model (its registered model has no champion): the tests that
     ask different things of such a run share it. Read it as it is, or copy the folder to change it."""
+    import mlflow
+
     from ml import pipeline
     from ml.config import load_config
     from ml.runs import run_paths
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mlflow.set_tracking_uri(mlflow_server)  # over what an earlier test set in this process
         cfg = load_config("e2e", {"output_dir": str(_SESSION_DIR / "shared-runs"),
                                   "registry.model_name": "shared-never-promoted"})
         paths = run_paths(cfg, "evaluated")
