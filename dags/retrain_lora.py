@@ -201,7 +201,10 @@ def retrain_lora() -> None:
         decision = pipeline.final_decision(paths)
         print(f"data {snapshot['fingerprint'][:12]} ({snapshot['rows']} rows) | run {registered['run_id']} | "
               f"version {registered['version']} | {decision['reason']}")
+        for line in decision["guardrail_lines"]:
+            print(line)
         return {**{k: decision[k] for k in ("outcome", "reason", "challenger_loss", "baseline_loss", "baseline")},
+                "guardrails": decision["guardrail_lines"],
                 "model_name": cfg.registry.model_name,
                 "version": registered["version"], "run_id": registered["run_id"], "data_source": snapshot["source"],
                 "rows": snapshot["rows"], "fingerprint": snapshot["fingerprint"]}

@@ -239,11 +239,43 @@ class EvalConfig(_Strict):
     eval_steps: int = Field(10, gt=0, description="Validation loss every N training steps.")
     batch_size: int = Field(4, gt=0, description="Examples per batch when scoring the test split.")
     num_sample_generations: int = Field(3, ge=0, description="Test questions answered by both models in the report.")
-    max_new_tokens: int = Field(128, gt=0, description="Length limit of those sample answers.")
+    sanity_prompts: int = Field(8, ge=0, description=(
+        "Test prompts both models answer greedily for the degenerate_answers guardrail (the first that leave room "
+        "for eval.max_new_tokens within model.max_seq_length; the report's samples are the first of them)."))
+    max_new_tokens: int = Field(128, gt=0, description=(
+        "Token budget of the generated answers (the report's samples, the degenerate_answers guardrail): an answer "
+        "that has not ended by then never stopped."))
     score_while_loaded: bool = Field(True, description=(
         "Score the test split (challenger and champion or base model) in the training process right after "
         "training, while the model is loaded; the evaluate step then only checks the scores are current and "
         "decides. false: the evaluate step loads the model again and scores."))
+
+
+GUARD_DIRECTIONS = {"decision_accuracy": "higher", "degenerate_answers": "lower"}
+
+
+class GuardrailConfig(_Strict):
+    """A task metric that must not get clearly worse for a challenger to be promoted (ml/promotion.py)."""
+
+    metric: Literal["decision_accuracy", "degenerate_answers"] = Field(description=(
+        "`decision_accuracy`: the share of test rows whose yes/no/maybe decision each model reads right as its "
+        "answer's first word (data that leads with its decision); `degenerate_answers`: the share of greedy "
+        "answers to the first eval.sanity_prompts test prompts that are empty, repeat themselves or do not stop "
+        "within eval.max_new_tokens."))
+    margin: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "How much worse (a share: 0.02 is 2 points) the challenger may be before the guardrail keeps the champion: "
+        "it blocks when the whole paired bootstrap interval of the change is beyond the margin, on the worse side."))
+    direction: Literal["higher", "lower"] | None = Field(None, description=(
+        "Which way is better (null: the metric's own, higher for decision_accuracy, lower for degenerate_answers)."))
+
+    @model_validator(mode="after")
+    def _direction(self) -> GuardrailConfig:
+        own = GUARD_DIRECTIONS[self.metric]
+        if self.direction is None:
+            self.direction = own  # type: ignore[assignment]
+        elif self.direction != own:
+            raise ValueError(f"guardrail {self.metric} is better when {own}, not {self.direction}")
+        return self
 
 
 class RegistryConfig(_Strict):
@@ -262,6 +294,15 @@ class RegistryConfig(_Strict):
         "Confidence of the paired bootstrap interval on the improvement."))
     bootstrap_resamples: int = Field(2000, ge=100, description="Resamples of the test rows in the paired bootstrap.")
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap's resampling (recorded with the decision).")
+    guardrails: list[GuardrailConfig] = Field(
+        default_factory=lambda: [GuardrailConfig(metric="decision_accuracy", margin=0.02),
+                                 GuardrailConfig(metric="degenerate_answers", margin=0.0)],
+        description=(
+            "Task metrics a promotion must not make clearly worse, each judged by the same paired bootstrap as the "
+            "loss on the same test rows (metric, margin, direction); one that blocks keeps the champion whatever "
+            "the loss. One that cannot be computed (no decision column) is reported as not applicable. Each "
+            "entry: `metric` (decision_accuracy or degenerate_answers), `margin` (a share), `direction` "
+            "(optional: higher or lower)."))
     min_rows: int = Field(20, ge=1, description=(
         "Fewest comparable test rows (after leaving out the champion's training rows) for an automatic "
         "decision; fewer: needs_review."))

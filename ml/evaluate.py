@@ -13,6 +13,7 @@ prompt. It is compared with the true decision: the decision accuracy.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class LossResult:
     decisions: int = 0
     nll: list[float] | None = None  # per input row, summed over its answer tokens (nan: no answer token left)
     row_tokens: list[int] | None = None
+    row_right: list[int | None] | None = None  # per input row: 1/0 its decision read right, None: not read
     rows: list[RowScore] | None = None  # the same by row key, with the scored answer's bytes (evaluate_model)
 
     @property
@@ -69,9 +71,9 @@ def token_loss(model: Model, encoded: Sequence[Encoded], pad_token_id: int, batc
     if not rows:
         raise ValueError("no example has answer tokens left after truncation; raise model.max_seq_length")
     dev = next(model.parameters()).device
-    right, judged = 0, 0
     row_nll: list[float | None] = [None] * len(encoded)
     row_tokens = [0] * len(encoded)
+    row_right: list[int | None] = [None] * len(encoded)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = [e for _, e, _ in rows[start:start + batch_size]]
@@ -93,23 +95,25 @@ def token_loss(model: Model, encoded: Sequence[Encoded], pad_token_id: int, batc
                 row_nll[index], row_tokens[index] = float(nll[i]), int(counts[i])
                 if gold is not None:  # the logits just before the first answer token predict it
                     first = next(t for t, label in enumerate(e.labels) if label != IGNORE_INDEX)
-                    right += int(int(logits[i, first - 1, list(decision_ids)].argmax()) == gold)
-                    judged += 1
+                    row_right[index] = int(int(logits[i, first - 1, list(decision_ids)].argmax()) == gold)
     total_nll, total_tokens = sum(x for x in row_nll if x is not None), sum(row_tokens)
-    return LossResult(total_nll / total_tokens, total_tokens, len(rows), right / judged if judged else None, judged,
-                      [x if x is not None else float("nan") for x in row_nll], row_tokens)
+    judged = [r for r in row_right if r is not None]
+    return LossResult(total_nll / total_tokens, total_tokens, len(rows), sum(judged) / len(judged) if judged else None,
+                      len(judged), [x if x is not None else float("nan") for x in row_nll], row_tokens, row_right)
 
 
 def row_scores(tokenizer: Tokenizer, examples: Sequence[QAExample], encoded: Sequence[Encoded],
                result: LossResult) -> list[RowScore]:
-    """Per test row: its answer NLL and token count under this model, and the UTF-8 bytes of the
-    answer text that was scored (what truncation left of it), for a tokenizer-free comparison."""
+    """Per test row: its answer NLL and token count under this model, the UTF-8 bytes of the answer
+    text that was scored (what truncation left of it), for a tokenizer-free comparison, and whether
+    its decision was read right (where it was read)."""
     assert result.nll is not None and result.row_tokens is not None
+    right = result.row_right or [None] * len(examples)
     out = []
-    for ex, enc, nll, n in zip(examples, encoded, result.nll, result.row_tokens, strict=True):
+    for ex, enc, nll, n, r in zip(examples, encoded, result.nll, result.row_tokens, right, strict=True):
         if n:
             text = tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX], skip_special_tokens=True)
-            out.append(RowScore(ex.key, nll, n, len(text.encode("utf-8"))))
+            out.append(RowScore(ex.key, nll, n, len(text.encode("utf-8")), r))
     return out
 
 
@@ -123,7 +127,8 @@ def evaluate_model(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExam
         result = token_loss(model, encoded, tokenizer.pad_token_id, batch_size)
     else:
         result = token_loss(model, encoded, tokenizer.pad_token_id, batch_size, golds, decision_token_ids(tokenizer))
-    return replace(result, nll=None, row_tokens=None, rows=row_scores(tokenizer, examples, encoded, result))
+    return replace(result, nll=None, row_tokens=None, row_right=None,
+                   rows=row_scores(tokenizer, examples, encoded, result))
 
 
 def sample_rows(tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat, n: int,
@@ -143,12 +148,21 @@ def sample_rows(tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: Prompt
 
 def generate_answers(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
                      max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy answers, `batch_size` prompts at a time, each batch padded on the left so that every
+    """Greedy answers (`generate`'s texts)."""
+    return [text for text, _ in generate(model, tokenizer, examples, fmt, max_new_tokens, batch_size)]
+
+
+def generate(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
+             max_new_tokens: int, batch_size: int = 8) -> list[tuple[str, bool]]:
+    """Greedy answers and whether each stopped (ended with an end-of-sequence token within
+    `max_new_tokens`), `batch_size` prompts at a time, each batch padded on the left so that every
     answer starts right after its prompt (the attention mask hides the padding). One decoding loop per
     batch instead of one per prompt: the report's sample answers of an 8B model take seconds, not tens
     of seconds; a long request to the pyfunc stays within memory."""
     dev = next(model.parameters()).device
-    answers: list[str] = []
+    ends = model.generation_config.eos_token_id
+    ends = (set(ends if isinstance(ends, list) else [ends]) | {tokenizer.eos_token_id}) - {None}
+    answers: list[tuple[str, bool]] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for start in range(0, len(examples), batch_size):
@@ -159,8 +173,23 @@ def generate_answers(model: Model, tokenizer: Tokenizer, examples: Sequence[QAEx
                 out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id)
             width = ids["input_ids"].shape[1]  # what follows is the answer; one that ended early is padded
-            answers += [tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id],
-                                         skip_special_tokens=True).strip() for row in out]
+            answers += [(tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id],
+                                          skip_special_tokens=True).strip(),
+                         any(int(t) in ends for t in row[width:])) for row in out]
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def degenerate(answer: str, stopped: bool) -> str | None:
+    """Why a greedy answer is degenerate, or None: empty, never stopped (no end of sequence within its
+    token budget), or repeating itself (a run of three words that comes back three times or more)."""
+    if not answer.strip():
+        return "empty"
+    if not stopped:
+        return "never stopped"
+    words = answer.split()
+    runs = collections.Counter(tuple(words[i:i + 3]) for i in range(len(words) - 2))
+    if runs and max(runs.values()) >= 3:
+        return "repeats itself"
+    return None

@@ -77,13 +77,18 @@ def metrics(record: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any
             out[f"{prefix}test_decision_accuracy"] = result["decision_accuracy"]
     if record.get("decision_majority_share") is not None:
         out["test_decision_majority_share"] = record["decision_majority_share"]
+    for g in decision.get("guardrails") or ():
+        if g["challenger"] is not None:
+            name = f"guardrail_{g['metric']}"
+            out.update({name: g["challenger"], f"baseline_{name}": g["baseline"], f"{name}_low": g["low"],
+                        f"{name}_high": g["high"]})
     return out
 
 
 def read(paths: RunPaths) -> tuple[Decision, dict[str, Any]]:
     """(the decision, the whole record) as the last evaluation or release step left them."""
     record = read_json(paths.evaluation)
-    return Decision(**record["decision"]), record
+    return Decision.from_dict(record["decision"]), record
 
 
 def redecide(paths: RunPaths, record: dict[str, Any], decision: Decision) -> None:

@@ -6,9 +6,14 @@ A challenger replaces the champion (or, before there is one, the bare base model
    differently), and none of those rows was among the champion's training rows;
 2. the improvement is beyond noise: a paired bootstrap over the rows gives the improvement in
    loss per answer token and its confidence interval, whose lower bound must exceed `min_delta`.
-When (1) fails the decision is `needs_review`, never an automatic promotion; when (2) fails it is
-`keep`. Every reason carries the numbers, and per answer byte (nats, tokenizer-independent) too.
-A champion moved by a person after a run was evaluated is never overridden (`overruled`).
+3. nothing the task cares about got clearly worse: each guardrail (a task metric per test row,
+   such as the yes/no/maybe decision read right, or a degenerate greedy answer) is judged by the
+   same paired bootstrap over the same rows; one whose interval lies entirely beyond its margin on
+   the worse side keeps the champion, whatever the loss says.
+When (1) fails the decision is `needs_review`, never an automatic promotion; when (2) or (3) fails
+it is `keep`. Every reason carries the numbers, and per answer byte (nats, tokenizer-independent)
+too. A guardrail that cannot be computed says so; it is never counted as passed. A champion moved by
+a person after a run was evaluated is never overridden (`overruled`).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ Outcome = Literal["promote", "keep", "needs_review"]
 
 @dataclass(frozen=True)
 class RowScore:
-    """One test row under one model: summed answer-token NLL, its token count, its scored text's UTF-8 bytes."""
+    """One test row under one model: summed answer-token NLL, its token count, its scored text's UTF-8
+    bytes, and whether its yes/no/maybe decision was read right (1/0; None where none was read)."""
     key: str
     nll: float
     tokens: int
     answer_bytes: int
+    decision_right: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,17 +58,49 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """A guardrail: a task metric (a per-row 0/1 value, averaged) that must not get clearly worse
+    than the comparator's by more than `margin` (in the metric's unit: a share)."""
+    metric: str
+    margin: float
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
 class Rule:
-    """The rule's settings (registry.min_delta, confidence, bootstrap_resamples, bootstrap_seed, min_rows)."""
+    """The rule's settings (registry.min_delta, confidence, bootstrap_resamples, bootstrap_seed, min_rows,
+    guardrails)."""
     min_delta: float
     confidence: float
     resamples: int
     seed: int
     min_rows: int
+    guardrails: tuple[Guard, ...] = ()
 
     @classmethod
     def of(cls, reg: RegistryConfig) -> Rule:
-        return cls(reg.min_delta, reg.confidence, reg.bootstrap_resamples, reg.bootstrap_seed, reg.min_rows)
+        guards = tuple(Guard(g.metric, g.margin, g.direction == "higher") for g in reg.guardrails)
+        return cls(reg.min_delta, reg.confidence, reg.bootstrap_resamples, reg.bootstrap_seed, reg.min_rows, guards)
+
+
+@dataclass(frozen=True)
+class GuardrailResult:
+    """A guardrail judged: both models' values, the change (challenger - comparator, as the metric
+    counts) and its paired bootstrap interval, and the verdict: `passes`, `blocks` or `not applicable`."""
+    metric: str
+    verdict: Literal["passes", "blocks", "not applicable"]
+    note: str
+    margin: float
+    challenger: float | None = None
+    baseline: float | None = None
+    change: float | None = None
+    low: float | None = None
+    high: float | None = None
+    rows: int = 0
+
+    @property
+    def blocks(self) -> bool:
+        return self.verdict == "blocks"
 
 
 @dataclass(frozen=True)
@@ -93,6 +132,13 @@ class Decision:
     seed: int | None = None
     challenger_nats_per_byte: float | None = None
     baseline_nats_per_byte: float | None = None
+    guardrails: tuple[GuardrailResult, ...] = ()
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Decision:
+        """A decision as `dataclasses.asdict` wrote it (an evaluation record's)."""
+        guards = tuple(GuardrailResult(**g) for g in record.get("guardrails") or ())
+        return cls(**{**record, "guardrails": guards})
 
     @property
     def promote(self) -> bool:
@@ -161,14 +207,66 @@ def decide(challenger: Scores, baseline: Scores, baseline_name: str, rule: Rule,
                     high=iv.high, confidence=confidence, resamples=resamples, seed=seed, **common)  # type: ignore[arg-type]
 
 
+def guardrail(guard: Guard, challenger: Mapping[str, float], baseline: Mapping[str, float], keys: Sequence[str],
+              *, confidence: float, resamples: int, seed: int, unit: str = "") -> GuardrailResult:
+    """One guardrail over the rows of `keys` that both models have a value for, paired as the loss is
+    (rows resampled with replacement, the same rows for both models): it blocks when the whole
+    interval of the change lies on the worse side of the margin."""
+    pairs = [(challenger[k], baseline[k]) for k in keys if k in challenger and k in baseline]
+    if not pairs:
+        return GuardrailResult(guard.metric, "not applicable", f"{guard.metric} was measured on no test row of both "
+                               f"models{unit}", guard.margin)
+    c, b = np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = (float(x) for x in np.percentile(c[idx].mean(axis=1) - b[idx].mean(axis=1), [tail, 100 - tail]))
+    worse_by = -high if guard.higher_is_better else low  # how much worse at the least, at this confidence
+    verdict: Literal["passes", "blocks"] = "blocks" if worse_by > guard.margin else "passes"
+    near = low if guard.higher_is_better else -high  # how much better at the least
+    note = ("clearly worse: its whole interval is beyond the margin" if verdict == "blocks" else
+            "no worse" if -near <= guard.margin else "inside the noise: its interval reaches past the margin, "
+            "but not wholly")
+    return GuardrailResult(guard.metric, verdict, note, guard.margin, float(c.mean()), float(b.mean()),
+                           float(c.mean() - b.mean()), low, high, len(pairs))
+
+
+def describe(result: GuardrailResult, baseline_name: str) -> str:
+    """One guardrail in a sentence: the values, the change and its interval, the verdict."""
+    if result.verdict == "not applicable":
+        return f"guardrail {result.metric}: not applicable ({result.note})"
+    return (f"guardrail {result.metric}: challenger {result.challenger:.1%} vs {baseline_name} {result.baseline:.1%}, "
+            f"change {result.change:+.1%} [{result.low:+.1%}, {result.high:+.1%}] over {result.rows} rows, margin "
+            f"{result.margin:.1%}: {result.verdict} ({result.note})")
+
+
+def with_guardrails(decision: Decision, results: Sequence[GuardrailResult]) -> Decision:
+    """The decision with its guardrails judged: a promotion that a guardrail blocks is kept, its reason
+    naming the guardrail with both values and the interval; otherwise the reason adds each verdict."""
+    blocking = [r for r in results if r.blocks]
+    if decision.promote and blocking:
+        names = ", ".join(r.metric for r in blocking)
+        said = "; ".join(describe(r, decision.baseline) for r in blocking)
+        reason = f"KEPT by the guardrail {names}: {said}. The loss alone: {decision.reason}"
+        return replace(decision, outcome="keep", reason=reason, guardrails=tuple(results))
+    verdicts = ", ".join(f"{r.metric} {r.verdict} ({r.note})" for r in results)
+    return replace(decision, reason=f"{decision.reason}; guardrails: {verdicts}" if results else decision.reason,
+                   guardrails=tuple(results))
+
+
 def judge(scores: Mapping[str, Any], rule: Rule) -> Decision:
     """The decision on a run's scores record (ml/scoring.py): its challenger against its comparator,
-    leaving out the comparator's training rows. A reason for review found while scoring (the base
-    model changed under the champion, a champion that records no training rows) makes it
-    needs_review whatever the numbers say."""
+    leaving out the comparator's training rows, the loss first, then each guardrail on the same rows.
+    A reason for review found while scoring (the base model changed under the champion, a champion
+    that records no training rows) makes it needs_review whatever the numbers say."""
     challenger = Scores([RowScore(**r) for r in scores["challenger"]["rows"]], scores["identity"]["tokenizer"])
     baseline = Scores([RowScore(**r) for r in scores["baseline"]["rows"]], scores["baseline_tokenizer"])
-    decision = decide(challenger, baseline, scores["baseline_name"], rule, set(scores["excluded_rows"]))
+    excluded = set(scores["excluded_rows"])
+    decision = decide(challenger, baseline, scores["baseline_name"], rule, excluded)
+    keys = [r.key for r in challenger.rows if r.key not in excluded]
+    results = [guardrail(g, *_guard_values(g.metric, scores), keys, confidence=rule.confidence,
+                         resamples=rule.resamples, seed=rule.seed, unit=GUARD_UNITS.get(g.metric, ""))
+               for g in rule.guardrails]
+    decision = with_guardrails(decision, results)
     if scores["review"] and decision.outcome != "needs_review":
         decision = replace(decision, outcome="needs_review",
                            reason=f"NEEDS REVIEW: {scores['review']}; scores: {decision.reason}")
@@ -180,3 +278,25 @@ def overruled(decision: Decision, alias: str, now: str | None, set_by: str) -> D
     reason = (f"NEEDS REVIEW: @{alias} was moved by hand ({set_by}) to v{now} after this run was evaluated against "
               f"{decision.baseline}; a person's choice is not overridden. Scores then: {decision.reason}")
     return replace(decision, outcome="needs_review", reason=reason)
+
+
+# What a guardrail that was measured on no row lacked, by metric.
+GUARD_UNITS = {"decision_accuracy": " (a decision column and answers that lead with it: data.decision_column, "
+                                    "data.lead_with_decision)",
+               "degenerate_answers": " (no test prompt left room for eval.max_new_tokens within model.max_seq_length, "
+                                     "or eval.sanity_prompts is 0)"}
+
+
+def _guard_values(metric: str, scores: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """(challenger, comparator) per-row values of a guardrail metric in a scores record."""
+    gen = scores.get("generations") or {}
+
+    def per_row(model: str) -> dict[str, float]:
+        if metric == "decision_accuracy":
+            return {r["key"]: float(r["decision_right"]) for r in scores[model]["rows"]
+                    if r.get("decision_right") is not None}
+        if metric == "degenerate_answers":
+            return {k: float(why is not None) for k, why in zip(gen.get("keys", []), gen.get(model, []), strict=True)}
+        raise ValueError(f"unknown guardrail metric {metric!r}")
+
+    return per_row("challenger"), per_row("baseline")

@@ -17,6 +17,7 @@ from ml.config import role
 
 HEADINGS = {"promote": "PROMOTED to @champion", "keep": "Kept out: the champion stays",
             "needs_review": "NEEDS REVIEW: nothing moved"}
+GUARD_LABELS = {"decision_accuracy": "yes/no/maybe right", "degenerate_answers": "degenerate answers"}
 
 
 def _cell(text: Any, limit: int = 220) -> str:
@@ -48,6 +49,33 @@ def row_changes(this: Mapping[str, list[str]], champion: Mapping[str, list[str]]
     return len(ours - theirs), len(theirs - ours)
 
 
+def scores_table(decision: Mapping[str, Any], ch: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+    """The loss and each guardrail: both models' values, the change with its interval, the verdict."""
+    conf = f"{decision['confidence']:.0%} " if decision.get("confidence") else ""
+    lines = [f"| | challenger | {decision['baseline']} | change, {conf}interval | verdict |",
+             "| --- | ---: | ---: | --- | --- |"]
+    change, verdict = "", "not compared (see above)"
+    if decision.get("low") is not None:
+        change = f"improvement {decision['improvement']:+.4f} [{decision['low']:+.4f}, {decision['high']:+.4f}]"
+        verdict = ("beyond" if decision["low"] > decision["min_delta"] else "not beyond") + \
+            f" min_delta {decision['min_delta']:g}"
+    lines.append(f"| test loss per answer token | {ch['loss']:.4f} | {base['loss']:.4f} | {change} | {verdict} |")
+    if decision.get("challenger_nats_per_byte") is not None:
+        lines.append(f"| nats per answer byte | {decision['challenger_nats_per_byte']:.4f} | "
+                     f"{decision['baseline_nats_per_byte']:.4f} | | |")
+    guards = decision.get("guardrails") or []
+    if ch.get("decision_accuracy") is not None and not any(g["metric"] == "decision_accuracy" for g in guards):
+        lines.append(f"| yes/no/maybe right | {ch['decision_accuracy']:.1%} | {base['decision_accuracy']:.1%} | | |")
+    for g in guards:
+        label = f"{GUARD_LABELS.get(g['metric'], g['metric'])} (guardrail, margin {g['margin']:.1%})"
+        if g["verdict"] == "not applicable":
+            lines.append(f"| {label} | – | – | – | not applicable: {_cell(g['note'], 160)} |")
+        else:
+            lines.append(f"| {label} | {g['challenger']:.1%} | {g['baseline']:.1%} | {g['change']:+.1%} "
+                         f"[{g['low']:+.1%}, {g['high']:+.1%}] over {g['rows']} rows | {g['verdict']}: {g['note']} |")
+    return lines
+
+
 def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot: Mapping[str, Any],
            trained: Mapping[str, Any], changes: list[tuple[str, str, str]], rows: tuple[int, int] | None,
            links: Mapping[str, str]) -> str:
@@ -58,14 +86,7 @@ def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot:
                      f"{decision['confidence']:.0%} interval [{decision['low']:+.4f}, {decision['high']:+.4f}] over "
                      f"{decision['rows']} test rows (promotion needs the lower bound above "
                      f"{decision['min_delta']:g}).")
-    lines += ["", f"> {_cell(decision['reason'], 1200)}", "",
-              f"| | challenger | {name} |", "| --- | ---: | ---: |",
-              f"| test loss per answer token | {ch['loss']:.4f} | {base['loss']:.4f} |"]
-    if decision.get("challenger_nats_per_byte") is not None:
-        lines.append(f"| nats per answer byte | {decision['challenger_nats_per_byte']:.4f} | "
-                     f"{decision['baseline_nats_per_byte']:.4f} |")
-    if ch.get("decision_accuracy") is not None:
-        lines.append(f"| yes/no/maybe right | {ch['decision_accuracy']:.1%} | {base['decision_accuracy']:.1%} |")
+    lines += ["", f"> {_cell(decision['reason'], 1200)}", "", *scores_table(decision, ch, base)]
     since = "" if rows is None else f"; since {name}: {rows[0]} training rows added, {rows[1]} removed"
     lines += ["", f"**Data** `{snapshot['source']}`, {snapshot['rows']} rows, fingerprint "
                   f"`{snapshot['fingerprint'][:12]}`{since}."]
@@ -78,12 +99,12 @@ def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot:
     lines.append(f"**Training** {trained['global_step']} steps in {trained['runtime_s']:.0f} s{speed}{gpu}.")
     samples = evaluation.get("samples") or []
     if samples:
-        other = "champion" if any("champion" in s for s in samples) else None
+        other = "baseline" if any("baseline" in s for s in samples) else None
         lines += ["", f"**Answers** to {len(samples[:3])} test questions", "",
                   "| question | challenger |" + (f" {name} |" if other else ""),
                   "| --- | --- |" + (" --- |" if other else "")]
         lines += [f"| {_cell(s['question'], 160)} | {_cell(s['challenger'])} |"
-                  + (f" {_cell(s.get('champion', ''))} |" if other else "") for s in samples[:3]]
+                  + (f" {_cell(s.get('baseline', ''))} |" if other else "") for s in samples[:3]]
     if links:
         lines += ["", "**Links** " + " · ".join(f"[{label}]({url})" for label, url in links.items())]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import PipelineConfig
 from ml.data import read_split
-from ml.evaluate import LossResult, evaluate_model, generate_answers, sample_rows
+from ml.evaluate import LossResult, degenerate, evaluate_model, generate, sample_rows
 from ml.identity import adapter_hash, base_identity, keys_hash, tokenizer_fingerprint, trained_on
 from ml.modeling import load_with_adapter, model_ref, use_adapter
 from ml.prompt import PromptFormat
@@ -61,9 +61,11 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokeniz
                 "tokenizer": tokenizer_fingerprint(tokenizer), "adapter_sha256": adapter_hash(paths.trained.adapter),
                 "test_keys": keys_hash(ex.key for ex in test), "max_seq_length": str(m.max_seq_length)}
     lap("identities")
-    shown = sample_rows(tokenizer, test, fmt, cfg.eval.num_sample_generations, cfg.eval.max_new_tokens)
-    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": ans} for ex, ans in
-               zip(shown, generate_answers(model, tokenizer, shown, fmt, cfg.eval.max_new_tokens), strict=True)]
+    # One greedy pass per model answers the prompts of the report's samples and of the guardrail on
+    # degenerate answers: the first test prompts that leave room for the token budget.
+    e = cfg.eval
+    asked = sample_rows(tokenizer, test, fmt, max(e.num_sample_generations, e.sanity_prompts), e.max_new_tokens)
+    answers = {"challenger": generate(model, tokenizer, asked, fmt, e.max_new_tokens)}
     lap("challenger answers")
 
     exclude: set[str] = set()
@@ -71,8 +73,9 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokeniz
     if champ is None:
         with model.disable_adapter():
             baseline = evaluate_model(model, tokenizer, test, fmt, cfg.eval.batch_size)
+            answers["baseline"] = generate(model, tokenizer, asked, fmt, e.max_new_tokens)
         baseline_name, baseline_tok = "base model", identity["tokenizer"]
-        lap("base model loss")
+        lap("base model loss and answers")
     else:
         baseline_name = f"champion v{champ.version}"
         champ_fmt = PromptFormat(**champ.prompt_format) if champ.prompt_format else fmt
@@ -93,14 +96,22 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokeniz
         lap("champion loaded")
         baseline = evaluate_model(champ_model, champ_tok, test, champ_fmt, cfg.eval.batch_size)
         baseline_tok = tokenizer_fingerprint(champ_tok)
-        for row, ans in zip(samples, generate_answers(champ_model, champ_tok, shown, champ_fmt,
-                                                      cfg.eval.max_new_tokens), strict=True):
-            row["champion"] = ans
+        answers["baseline"] = generate(champ_model, champ_tok, asked, champ_fmt, e.max_new_tokens)
         lap("champion loss and answers")
     log.info("%s test loss %.4f%s", baseline_name, baseline.loss, accuracy_note(baseline))
+    samples = [{"key": ex.key, "question": ex.question, "reference": ex.answer, "challenger": c, "baseline": b}
+               for ex, (c, _), (b, _) in zip(asked, answers["challenger"], answers["baseline"],
+                                             strict=True)][:e.num_sample_generations]
+    sanity = asked[:e.sanity_prompts]
+    flaws = {m: [degenerate(text, stopped) for text, stopped in gen[:len(sanity)]] for m, gen in answers.items()}
+    generations = {"keys": [ex.key for ex in sanity], **flaws}
+    log.info("degenerate answers of %d: challenger %d, %s %d", len(sanity),
+             sum(why is not None for why in flaws["challenger"]), baseline_name,
+             sum(why is not None for why in flaws["baseline"]))
     record = {"challenger": asdict(challenger), "baseline": asdict(baseline), "baseline_name": baseline_name,
               "baseline_tokenizer": baseline_tok, "champion_version": champ.version if champ else None,
               "identity": identity, "excluded_rows": sorted(exclude), "review": review, "samples": samples,
+              "generations": generations,
               "scored_in": where, "seconds": round(time.perf_counter() - start, 1), "seconds_by_part": parts}
     write_json(paths.scores, record)
     log.info("scored in the %s in %.1fs (%s)", where, record["seconds"],

@@ -73,9 +73,10 @@ def decision_message(context: Any) -> tuple[str, str]:
     s = ti.xcom_pull(task_ids="summary")
     outcome = OUTCOMES.get(s["outcome"], s["outcome"])
     subject = f"{ti.dag_id}: {outcome} - {s['model_name']} v{s['version']}"
+    guardrails = "".join(f"- {line}\n" for line in s.get("guardrails", []))
     body = (f"Run {run_id} of {ti.dag_id}: {outcome}.\n"
             f"Test loss per answer token: challenger {s['challenger_loss']:.4f} vs {s['baseline']} "
-            f"{s['baseline_loss']:.4f}.\n{s['reason']}\n"
+            f"{s['baseline_loss']:.4f}.\n{s['reason']}\n{guardrails}"
             f"Data: {s['data_source']} ({s['rows']} rows, fingerprint {s['fingerprint'][:12]}).\n"
             f"MLflow: {MLFLOW_UI_URL}/#/models/{s['model_name']}/versions/{s['version']}\nLog: {ti.log_url}")
     return subject, body

@@ -203,7 +203,7 @@ OTHER_VALUE = {"registry.confidence": 0.9, "validation.script_mostly": 0.5, "dat
                "data.id_column": "PMID", "data.revision": "v2", "model.revision": "v2", "lora.top_k_layers": 2,
                "registry.tracking_uri": "sqlite:///elsewhere.db", "registry.artifact_location": "elsewhere",
                "train.padding_free": True, "validation.script": "latin", "train.warmup_ratio": 0.1,
-               "lora.dropout": 0.1}
+               "lora.dropout": 0.1, "registry.guardrails": []}
 
 
 def _other(dotted: str, value: Any) -> Any:

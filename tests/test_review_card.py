@@ -16,7 +16,7 @@ def _inputs() -> dict[str, Any]:
     evaluation = {"challenger": {"loss": 1.2345678, "decision_accuracy": 0.5}, "champion_version": "3",
                   "baseline": {"loss": 1.3456789, "decision_accuracy": 0.4},
                   "samples": [{"question": f"q{i} | with a pipe\nand a line", "challenger": f"new {i}",
-                               "champion": f"old {i}"} for i in range(5)]}
+                               "baseline": f"old {i}"} for i in range(5)]}
     snapshot = {"source": "data/x.jsonl", "rows": 500, "fingerprint": "abcdef0123456789" * 4}
     trained = {"global_step": 60, "runtime_s": 95.2, "tokens_per_s": 8824.7, "peak_gpu_gib": 11.12}
     return {"decision": decision, "evaluation": evaluation, "snapshot": snapshot, "trained": trained}
@@ -37,8 +37,9 @@ def test_the_card_says_the_decision_why_and_what_changed_since_the_champion() ->
                   links={"Airflow run": "http://airflow.example/dags/retrain_lora/runs/r1"})
     assert card.startswith("### PROMOTED to @champion\n")
     assert "Improvement **+0.1111** nats per answer token, 95% interval [+0.0500, +0.1700] over 42 test rows" in card
-    assert "| test loss per answer token | 1.2346 | 1.3457 |" in card
-    assert "| yes/no/maybe right | 50.0% | 40.0% |" in card
+    assert ("| test loss per answer token | 1.2346 | 1.3457 | improvement +0.1111 [+0.0500, +0.1700] | beyond "
+            "min_delta 0.01 |") in card
+    assert "| yes/no/maybe right | 50.0% | 40.0% | | |" in card  # reported, not a guardrail here
     assert "fingerprint `abcdef012345`; since champion v3: 1 training rows added, 2 removed" in card
     assert "`lora.r` 16 → 8, `train.max_steps` 60 → 90" in card and "output_dir" not in card
     assert "**Training** 60 steps in 95 s, 8,825 tokens/s, peak GPU memory 11.1 GiB." in card
@@ -56,3 +57,22 @@ def test_a_first_version_and_a_kept_one_say_so() -> None:
     card = render(**inputs, changes=[], rows=None, links={})
     assert card.startswith("### Kept out: the champion stays") and "**Settings**" not in card and "since" not in card
     assert "| question | challenger |" in card and "**Links**" not in card
+
+
+def test_the_card_shows_each_guardrail_beside_the_loss() -> None:
+    """A small table: the loss and each guardrail, challenger vs comparator, the interval, the verdict."""
+    inputs = _inputs()
+    guards = [{"metric": "decision_accuracy", "verdict": "blocks", "note": "clearly worse: its whole interval is "
+               "beyond the margin", "margin": 0.02, "challenger": 0.413, "baseline": 0.565, "change": -0.152,
+               "low": -0.30, "high": -0.05, "rows": 46},
+              {"metric": "degenerate_answers", "verdict": "not applicable", "margin": 0.0,
+               "note": "degenerate_answers was measured on no test row of both models"}]
+    inputs["decision"] = {**inputs["decision"], "outcome": "keep", "guardrails": guards}
+    card = render(**inputs, changes=[], rows=None, links={})
+    assert card.startswith("### Kept out: the champion stays")
+    assert "| | challenger | champion v3 | change, 95% interval | verdict |" in card
+    assert ("| yes/no/maybe right (guardrail, margin 2.0%) | 41.3% | 56.5% | -15.2% [-30.0%, -5.0%] over 46 rows | "
+            "blocks: clearly worse: its whole interval is beyond the margin |") in card
+    assert ("| degenerate answers (guardrail, margin 0.0%) | – | – | – | not applicable: degenerate_answers was "
+            "measured on no test row of both models |") in card
+    assert "| yes/no/maybe right | 50.0% |" not in card  # the guardrail's row says it

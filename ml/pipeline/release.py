@@ -12,7 +12,7 @@ from ml import evaluation
 from ml.config import PipelineConfig
 from ml.errors import RegistryConflict
 from ml.identity import adapter_hash
-from ml.promotion import Decision, overruled
+from ml.promotion import Decision, describe, overruled
 from ml.review_card import config_changes, render, row_changes
 from ml.runs import RunPaths, read_champion, read_json, write_json
 
@@ -80,7 +80,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             from ml.scoring import score_again  # torch, transformers
 
             scores = score_again(cfg, paths, champion.fetch(client, reg, paths.champion), "promote step")
-            decision, expected = Decision(**evaluation.conclude(cfg, paths, scores)["decision"]), moved.now
+            decision, expected = Decision.from_dict(evaluation.conclude(cfg, paths, scores)["decision"]), moved.now
         if decision.promote:
             champion.promote(client, reg, registered, decision, expected, run_key or paths.root.name)
         else:
@@ -101,8 +101,10 @@ def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 
 def final_decision(paths: RunPaths) -> dict[str, Any]:
-    """The decision as it stands after promote or keep (promotion may have scored again)."""
-    return asdict(evaluation.read(paths)[0])
+    """The decision as it stands after promote or keep (promotion may have scored again), with a line
+    per guardrail (`guardrail_lines`) for the log and the notification."""
+    decision = evaluation.read(paths)[0]
+    return {**asdict(decision), "guardrail_lines": [describe(g, decision.baseline) for g in decision.guardrails]}
 
 
 def _outcome(registered: Registered, decision: Decision) -> dict[str, Any]:
