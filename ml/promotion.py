@@ -214,8 +214,8 @@ def guardrail(guard: Guard, challenger: Mapping[str, float], baseline: Mapping[s
     interval of the change lies on the worse side of the margin."""
     pairs = [(challenger[k], baseline[k]) for k in keys if k in challenger and k in baseline]
     if not pairs:
-        return GuardrailResult(guard.metric, "not applicable", f"{guard.metric} was measured on no test row of both "
-                               f"models{unit}", guard.margin)
+        return GuardrailResult(guard.metric, "not applicable", f"measured on no test row of both models{unit}",
+                               guard.margin)
     c, b = np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
     tail = (1.0 - confidence) / 2 * 100
@@ -223,9 +223,9 @@ def guardrail(guard: Guard, challenger: Mapping[str, float], baseline: Mapping[s
     worse_by = -high if guard.higher_is_better else low  # how much worse at the least, at this confidence
     verdict: Literal["passes", "blocks"] = "blocks" if worse_by > guard.margin else "passes"
     near = low if guard.higher_is_better else -high  # how much better at the least
-    note = ("clearly worse: its whole interval is beyond the margin" if verdict == "blocks" else
-            "no worse" if -near <= guard.margin else "inside the noise: its interval reaches past the margin, "
-            "but not wholly")
+    note = ("clearly worse: its whole interval is past the margin" if verdict == "blocks" else
+            "no worse than the margin" if -near <= guard.margin else
+            "inside the noise: not clearly worse, but a drop past the margin cannot be ruled out")
     return GuardrailResult(guard.metric, verdict, note, guard.margin, float(c.mean()), float(b.mean()),
                            float(c.mean() - b.mean()), low, high, len(pairs))
 
@@ -241,14 +241,15 @@ def describe(result: GuardrailResult, baseline_name: str) -> str:
 
 def with_guardrails(decision: Decision, results: Sequence[GuardrailResult]) -> Decision:
     """The decision with its guardrails judged: a promotion that a guardrail blocks is kept, its reason
-    naming the guardrail with both values and the interval; otherwise the reason adds each verdict."""
+    naming the guardrail with both values and the interval; otherwise the reason adds each verdict
+    (`describe` says the rest)."""
     blocking = [r for r in results if r.blocks]
     if decision.promote and blocking:
         names = ", ".join(r.metric for r in blocking)
         said = "; ".join(describe(r, decision.baseline) for r in blocking)
         reason = f"KEPT by the guardrail {names}: {said}. The loss alone: {decision.reason}"
         return replace(decision, outcome="keep", reason=reason, guardrails=tuple(results))
-    verdicts = ", ".join(f"{r.metric} {r.verdict} ({r.note})" for r in results)
+    verdicts = ", ".join(f"{r.metric} {r.verdict}" for r in results)
     return replace(decision, reason=f"{decision.reason}; guardrails: {verdicts}" if results else decision.reason,
                    guardrails=tuple(results))
 
@@ -281,10 +282,10 @@ def overruled(decision: Decision, alias: str, now: str | None, set_by: str) -> D
 
 
 # What a guardrail that was measured on no row lacked, by metric.
-GUARD_UNITS = {"decision_accuracy": " (a decision column and answers that lead with it: data.decision_column, "
+GUARD_UNITS = {"decision_accuracy": ": it needs a decision column and answers led by it (data.decision_column, "
                                     "data.lead_with_decision)",
-               "degenerate_answers": " (no test prompt left room for eval.max_new_tokens within model.max_seq_length, "
-                                     "or eval.sanity_prompts is 0)"}
+               "degenerate_answers": ": no test prompt left room for eval.max_new_tokens within model.max_seq_length, "
+                                     "or eval.sanity_prompts is 0"}
 
 
 def _guard_values(metric: str, scores: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float]]:

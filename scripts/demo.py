@@ -135,6 +135,7 @@ def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
 
     from ml.params import config_from_params
+    from ml.promotion import Decision, describe
     from ml.runs import read_json, run_paths
 
     # Airflow's own log lines (and the tasks', relayed training lines included) go to a file; the
@@ -187,6 +188,8 @@ def main() -> int:
                   f"(always the most common answer: {ev['decision_majority_share']:.1%})")
         print(f"  decision         {OUTCOMES[d['outcome']]}"
               f" ({d['reason']})")
+        for guard in Decision.from_dict(d).guardrails:
+            print(f"  {describe(guard, d['baseline'])}")
     from mlflow import MlflowClient
 
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias)

@@ -32,7 +32,7 @@ def test_a_clearly_worse_guardrail_blocks_and_names_the_numbers() -> None:
 
 def test_an_equal_guardrail_passes_as_no_worse() -> None:
     r = guardrail(ACCURACY, values(100), values(100), KEYS, **BOOT)
-    assert r.verdict == "passes" and r.change == 0 and r.note == "no worse"
+    assert r.verdict == "passes" and r.change == 0 and r.note == "no worse than the margin"
 
 
 def test_a_drop_inside_the_noise_passes_and_says_so() -> None:
@@ -44,15 +44,16 @@ def test_a_drop_inside_the_noise_passes_and_says_so() -> None:
 
 
 def test_a_guardrail_measured_on_no_row_is_not_applicable_never_passed() -> None:
-    r = guardrail(ACCURACY, {}, {}, KEYS, **BOOT, unit=" (a decision column)")
-    assert r.verdict == "not applicable" and not r.blocks and r.challenger is None and "a decision column" in r.note
+    r = guardrail(ACCURACY, {}, {}, KEYS, **BOOT, unit=": it needs a decision column")
+    assert r.verdict == "not applicable" and not r.blocks and r.challenger is None
+    assert r.note == "measured on no test row of both models: it needs a decision column"
 
 
 def test_more_degenerate_answers_block_and_fewer_pass() -> None:
     worse = guardrail(DEGENERATE, values(120), values(20), KEYS, **BOOT)  # 60 % degenerate vs 10 %
     assert worse.verdict == "blocks" and worse.change == pytest.approx(0.5)
     better = guardrail(DEGENERATE, values(20), values(120), KEYS, **BOOT)
-    assert better.verdict == "passes" and better.note == "no worse"
+    assert better.verdict == "passes" and better.note == "no worse than the margin"
 
 
 def test_the_guardrail_uses_only_rows_both_models_have_and_the_keys_given() -> None:
@@ -74,7 +75,7 @@ def test_a_blocking_guardrail_keeps_the_champion_whatever_the_loss_and_says_why(
                                      "challenger 30.0% vs champion v2 60.0%, change -30.0%")
     assert "The loss alone: challenger 1.0000 beats" in blocked.reason and len(blocked.guardrails) == 2
     passing = with_guardrails(_decision("promote"), [guardrail(ACCURACY, values(100), values(100), KEYS, **BOOT)])
-    assert passing.outcome == "promote" and passing.reason.endswith("; guardrails: decision_accuracy passes (no worse)")
+    assert passing.outcome == "promote" and passing.reason.endswith("; guardrails: decision_accuracy passes")
     kept = with_guardrails(_decision("keep"), [guardrail(ACCURACY, values(60), values(120), KEYS, **BOOT)])
     assert kept.outcome == "keep" and not kept.reason.startswith("KEPT by")
 
@@ -122,7 +123,8 @@ def test_judge_reports_a_guardrail_it_cannot_compute_as_not_applicable() -> None
     none_read = _scores([None] * 100, [None] * 100, [], [])  # type: ignore[list-item]
     d = judge(none_read, RULE)
     assert d.outcome == "promote" and [g.verdict for g in d.guardrails] == ["not applicable"] * 2
-    assert "guardrails: decision_accuracy not applicable (decision_accuracy was measured on no test row" in d.reason
+    assert d.reason.endswith("; guardrails: decision_accuracy not applicable, degenerate_answers not applicable")
+    assert d.guardrails[0].note.startswith("measured on no test row of both models: it needs a decision column")
 
 
 @pytest.mark.parametrize(("answer", "stopped", "why"), [

@@ -250,3 +250,56 @@ def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_mode
     exp = client.get_experiment_by_name(cfg.registry.experiment)
     (run,) = client.search_runs([exp.experiment_id], "tags.`pipeline.run_key` = 'bad-data'")
     assert run.info.status == "FAILED" and run.data.tags["validation"] == "failed"
+
+
+def _decisions_file(tmp: Path, name: str, train: str, held_out: str) -> Path:
+    """The shipped sample with every answer led by its decision: `train` on the training rows,
+    `held_out` on the validation and test rows (the split is a function of the key alone)."""
+    from ml.data import assign_split
+
+    cfg = load_config("e2e")
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        split = assign_split(str(row["PMID"]), cfg.data.val_fraction, cfg.data.test_fraction)
+        row["final_decision"] = train if split == "train" else held_out
+    path = tmp / name
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_better_loss_with_clearly_worse_decisions_is_kept_and_without_that_guardrail_promoted(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """The champion learnt to lead with "Yes", which every test row says; the challenger trains longer
+    (a clearly better loss) on rows that all say "No": its decisions are clearly worse, so the guardrail
+    keeps the champion and says why. The same challenger judged by a profile without that guardrail
+    is promoted: the guardrail, not the loss, kept it."""
+    name = "p-guardrail"
+    lead = {"data.lead_with_decision": True, "train.learning_rate": 1e-2}
+    champion_cfg = _cfg(name, tmp_path, **lead, **{"train.max_steps": 8,
+                                                   "data.source": str(_decisions_file(tmp_path, "a.jsonl", "yes",
+                                                                                      "yes"))})
+    assert run_all(champion_cfg, "champion")["promoted"]
+    data = str(_decisions_file(tmp_path, "b.jsonl", "no", "yes"))
+    cfg = _cfg(name, tmp_path, **lead, **{"train.max_steps": 60, "data.source": data})
+    paths = _until_register(cfg, "challenger")
+    ev = read_json(paths.evaluation)
+    decision, (accuracy, _) = ev["decision"], ev["decision"]["guardrails"]
+    assert decision["challenger_loss"] < decision["baseline_loss"] and decision["low"] > cfg.registry.min_delta
+    assert accuracy["metric"] == "decision_accuracy" and accuracy["verdict"] == "blocks"
+    assert accuracy["challenger"] < accuracy["baseline"] and accuracy["high"] < -accuracy["margin"]
+    assert decision["outcome"] == "keep" and decision["reason"].startswith("KEPT by the guardrail decision_accuracy")
+    assert f"challenger {accuracy['challenger']:.1%} vs champion v1 {accuracy['baseline']:.1%}" in decision["reason"]
+    assert pipeline.keep(cfg, paths)["outcome"] == "keep" and _alias(client, name, "champion") == "1"
+    version = _version_of(client, name, "challenger")
+    assert version.tags["decision"] == "rejected" and "decision_accuracy blocks" in version.tags["guardrails"]
+    card = client.get_model_version(name, version.version).description
+    assert "| yes/no/maybe right (guardrail, margin 2.0%) |" in card
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["guardrail_decision_accuracy"] < metrics["baseline_guardrail_decision_accuracy"]
+
+    # the flip: without the decision guardrail the same challenger, on the same scores, is promoted
+    flip = _cfg(name, tmp_path, **lead, **{"train.max_steps": 60, "data.source": data,
+                                           "registry.guardrails": [{"metric": "degenerate_answers"}]})
+    assert pipeline.evaluate(flip, paths)["outcome"] == "promote"
+    assert pipeline.promote(flip, paths, "challenger")["promoted"]
+    assert _alias(client, name, "champion") == version.version

@@ -63,16 +63,16 @@ def test_the_card_shows_each_guardrail_beside_the_loss() -> None:
     """A small table: the loss and each guardrail, challenger vs comparator, the interval, the verdict."""
     inputs = _inputs()
     guards = [{"metric": "decision_accuracy", "verdict": "blocks", "note": "clearly worse: its whole interval is "
-               "beyond the margin", "margin": 0.02, "challenger": 0.413, "baseline": 0.565, "change": -0.152,
+               "past the margin", "margin": 0.02, "challenger": 0.413, "baseline": 0.565, "change": -0.152,
                "low": -0.30, "high": -0.05, "rows": 46},
               {"metric": "degenerate_answers", "verdict": "not applicable", "margin": 0.0,
-               "note": "degenerate_answers was measured on no test row of both models"}]
+               "note": "measured on no test row of both models"}]
     inputs["decision"] = {**inputs["decision"], "outcome": "keep", "guardrails": guards}
     card = render(**inputs, changes=[], rows=None, links={})
     assert card.startswith("### Kept out: the champion stays")
     assert "| | challenger | champion v3 | change, 95% interval | verdict |" in card
     assert ("| yes/no/maybe right (guardrail, margin 2.0%) | 41.3% | 56.5% | -15.2% [-30.0%, -5.0%] over 46 rows | "
-            "blocks: clearly worse: its whole interval is beyond the margin |") in card
-    assert ("| degenerate answers (guardrail, margin 0.0%) | – | – | – | not applicable: degenerate_answers was "
-            "measured on no test row of both models |") in card
+            "blocks: clearly worse: its whole interval is past the margin |") in card
+    assert ("| degenerate answers (guardrail, margin 0.0%) | – | – | – | not applicable: measured on no test row "
+            "of both models |") in card
     assert "| yes/no/maybe right | 50.0% |" not in card  # the guardrail's row says it
