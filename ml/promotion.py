@@ -225,7 +225,7 @@ def guardrail(guard: Guard, challenger: Mapping[str, float], baseline: Mapping[s
     near = low if guard.higher_is_better else -high  # how much better at the least
     note = ("clearly worse: its whole interval is past the margin" if verdict == "blocks" else
             "no worse than the margin" if -near <= guard.margin else
-            "inside the noise: not clearly worse, but a drop past the margin cannot be ruled out")
+            "inside the noise: not clearly worse, but worse past the margin cannot be ruled out")
     return GuardrailResult(guard.metric, verdict, note, guard.margin, float(c.mean()), float(b.mean()),
                            float(c.mean() - b.mean()), low, high, len(pairs))
 
