@@ -182,7 +182,7 @@ def keep(client: MlflowClient, reg: RegistryConfig, registered: Registered, deci
 def _record(client: MlflowClient, reg: RegistryConfig, registered: Registered, outcome: str,
             decision: Decision) -> None:
     registry.record_outcome(client, reg, registered.version, outcome, decision)
-    tracking.record_outcome(client, registered.run_id, outcome, decision.reason)
+    tracking.record_outcome(client, registered.run_id, outcome, decision)
 
 
 def manual_move(client: MlflowClient, reg: RegistryConfig, to: str | None, reason: str,

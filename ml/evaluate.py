@@ -181,12 +181,18 @@ def generate(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], 
     return answers
 
 
-def degenerate(answer: str, stopped: bool) -> str | None:
-    """Why a greedy answer is degenerate, or None: empty, never stopped (no end of sequence within its
-    token budget), or repeating itself (a run of three words that comes back three times or more)."""
+# An answer is judged for never stopping only where its reference answer takes at most 1/ENDS_WITHIN
+# of the token budget: a budget shorter than a right answer would count writing it as rambling.
+ENDS_WITHIN = 1.5
+
+
+def degenerate(answer: str, stopped: bool, budget_fits: bool = True) -> str | None:
+    """Why a greedy answer is degenerate, or None: empty, never stopped (no end of sequence within a
+    token budget that `budget_fits` the right answer with room to spare), or repeating itself (a run
+    of three words that comes back three times or more)."""
     if not answer.strip():
         return "empty"
-    if not stopped:
+    if not stopped and budget_fits:
         return "never stopped"
     words = answer.split()
     runs = collections.Counter(tuple(words[i:i + 3]) for i in range(len(words) - 2))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # A version's tags, few (MLflow's UI lists them alphabetically, below the review card): the decision
 # and its numbers, and what the pipeline compares or finds a version by (the data, the config, the
 # adapter, the base, the run key, the Airflow run). Its run has all the rest.
-VERSION_TAGS = ("decision", "challenger_loss", "baseline_loss", "baseline", "improvement_interval", "guardrails",
+VERSION_TAGS = ("decision", "challenger_loss", "baseline_loss", "baseline", "improvement_interval",
                 "data_fingerprint", "config_sha256", ADAPTER_TAG, "base_model", "base_identity", RUN_KEY_TAG,
                 "airflow.run_id")
 
@@ -151,8 +151,6 @@ def tag_numbers(client: MlflowClient, reg: RegistryConfig, version: str, decisio
     """The decision's numbers on the version: both losses, the comparator, the interval."""
     tags = {"challenger_loss": f"{decision.challenger_loss:.4f}", "baseline_loss": f"{decision.baseline_loss:.4f}",
             "baseline": decision.baseline}
-    if decision.guardrails:
-        tags["guardrails"] = "; ".join(f"{g.metric} {g.verdict}" for g in decision.guardrails)
     if decision.low is not None:
         tags["improvement_interval"] = (
             f"{decision.improvement:+.4f} [{decision.low:+.4f}, {decision.high:+.4f}] "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import PipelineConfig
 from ml.data import read_split
-from ml.evaluate import LossResult, degenerate, evaluate_model, generate, sample_rows
+from ml.evaluate import ENDS_WITHIN, LossResult, degenerate, evaluate_model, generate, sample_rows
 from ml.identity import adapter_hash, base_identity, keys_hash, tokenizer_fingerprint, trained_on
 from ml.modeling import load_with_adapter, model_ref, use_adapter
 from ml.prompt import PromptFormat
@@ -103,7 +103,10 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokeniz
                for ex, (c, _), (b, _) in zip(asked, answers["challenger"], answers["baseline"],
                                              strict=True)][:e.num_sample_generations]
     sanity = asked[:e.sanity_prompts]
-    flaws = {m: [degenerate(text, stopped) for text, stopped in gen[:len(sanity)]] for m, gen in answers.items()}
+    fits = [len(tokenizer(ex.target(fmt.lead_with_decision), add_special_tokens=False)["input_ids"]) * ENDS_WITHIN
+            <= e.max_new_tokens for ex in sanity]
+    flaws = {m: [degenerate(text, stopped, fit) for (text, stopped), fit in zip(gen, fits, strict=False)]
+             for m, gen in answers.items()}
     generations = {"keys": [ex.key for ex in sanity], **flaws}
     log.info("degenerate answers of %d: challenger %d, %s %d", len(sanity),
              sum(why is not None for why in flaws["challenger"]), baseline_name,

@@ -278,10 +278,13 @@ def runs_of(client: MlflowClient, reg: RegistryConfig, run_key: str) -> list[str
     return [run.info.run_id for run in client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'")]
 
 
-def record_outcome(client: MlflowClient, run_id: str, outcome: str, reason: str) -> None:
-    """What became of the run's version (promoted, rejected, needs_review), and why, on the run."""
+def record_outcome(client: MlflowClient, run_id: str, outcome: str, decision: Decision) -> None:
+    """What became of the run's version (promoted, rejected, needs_review), why, and each guardrail's
+    verdict, on the run."""
     client.set_tag(run_id, "decision", outcome)
-    client.set_tag(run_id, "decision_reason", reason)
+    client.set_tag(run_id, "decision_reason", decision.reason)
+    if decision.guardrails:
+        client.set_tag(run_id, "guardrails", "; ".join(f"{g.metric} {g.verdict}" for g in decision.guardrails))
 
 
 def finish_run(client: MlflowClient, run_id: str) -> None:

@@ -133,10 +133,12 @@ def test_judge_reports_a_guardrail_it_cannot_compute_as_not_applicable() -> None
     ("no no no no no no no no", True, "repeats itself"),
     ("the risk rises. the risk rises. the risk rises.", True, "repeats itself"),
     ("Yes. Exercise lowers blood pressure in adults with hypertension.", True, None),
+    ("Yes. The right answer is longer than the budget lets it end in.", False, None),  # budget too short: not judged
     ("네. 금연은 폐 기능을 개선한다.", True, None),
 ])
 def test_degenerate_answers_are_empty_endless_or_repeating(answer: str, stopped: bool, why: str | None) -> None:
-    assert degenerate(answer, stopped) == why
+    fits = "longer than the budget" not in answer
+    assert degenerate(answer, stopped, fits) == why
 
 
 def test_guardrail_settings_have_one_direction_per_metric() -> None:
