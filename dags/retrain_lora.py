@@ -46,6 +46,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from mlflow_links import RUN_URL_KEY, VERSION_URL_KEY, run_url, version_url  # plugins/: links to MLflow
+from retrain_approval import ApprovalGate, Ask  # plugins/: a person's approval, human-in-the-loop
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 
 # Only light modules at parse time; each step imports the ML stack it runs.
@@ -66,6 +67,9 @@ DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
 SHORT = timedelta(minutes=30)
 MODEL_WORK = timedelta(hours=2)
 TRAIN_CAP = timedelta(hours=DEFAULT.deploy.train_timeout_cap_h) + timedelta(minutes=10)
+# A person's approval, where a run asks for one, waits this long at most (each run's own
+# registry.approval_timeout_h sets its wait; the run's time limit allows the default profile's).
+APPROVAL_WAIT = timedelta(hours=DEFAULT.registry.approval_timeout_h)
 # Registry steps are idempotent (a retry finds what its attempt wrote); a server that is briefly
 # away gets a few tries, further apart each time.
 REGISTRY_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay": timedelta(seconds=20),
@@ -97,6 +101,26 @@ def _run() -> tuple[Any, Any, str]:
     return pipeline.freeze(cfg, paths), paths, run_key
 
 
+def _route(context: Any) -> tuple[str | None, Ask | None]:
+    """promote_or_keep: the rule's branch, or, where the run asks for a person's approval and the
+    rule says promote, the request: the version's review card and its MLflow links."""
+    cfg, paths, _ = _run()
+    if pipeline.final_decision(paths)["outcome"] != "promote":
+        return "keep_champion", None
+    if cfg.registry.approval != "required":
+        return "promote_champion", None
+    req, reg = pipeline.approval_request(paths), cfg.registry
+    links = (f"[MLflow model version]({version_url(reg.model_name, req['version'])}) · "
+             f"[MLflow run]({run_url(req['run_id'])})")
+    return None, Ask(f"Promote {reg.model_name} v{req['version']} to @{reg.champion_alias}?",
+                     f"{req['card']}\n{links}\n", timedelta(hours=reg.approval_timeout_h))
+
+
+def _answered(context: Any, answer: Any) -> None:
+    _, paths, _ = _run()
+    pipeline.record_review(paths, dict(answer))  # promote_champion or keep_champion applies it
+
+
 # The profile's dataset as an Airflow Asset: a run starts when an upstream job announces new data.
 DATASET = Asset(DEFAULT.data.uri)
 
@@ -120,7 +144,7 @@ def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
     tags=["llm", "lora", "mlflow"],
     doc_md=__doc__,
     default_args={"retries": 0, "execution_timeout": SHORT, "on_failure_callback": RetrainNotifier("failure")},
-    dagrun_timeout=TRAIN_CAP + 2 * MODEL_WORK + 6 * SHORT,
+    dagrun_timeout=TRAIN_CAP + 2 * MODEL_WORK + 6 * SHORT + APPROVAL_WAIT,
 )
 def retrain_lora() -> None:
     @task
@@ -180,9 +204,11 @@ def retrain_lora() -> None:
         ctx["ti"].xcom_push(key=VERSION_URL_KEY, value=version_url(cfg.registry.model_name, registered["version"]))
         return registered
 
-    @task.branch
-    def promote_or_keep(evaluation: dict[str, Any], registered: dict[str, str]) -> str:
-        return "promote_champion" if evaluation["promote"] else "keep_champion"
+    # The rule's branch; where a run asks for approval, a person's answer (Required Actions), waited
+    # for without holding a worker slot.
+    promote_or_keep = ApprovalGate(task_id="promote_or_keep", route=_route, answered=_answered,
+                                   promote_task="promote_champion", keep_task="keep_champion",
+                                   notifiers=[RetrainNotifier("approval")], response_timeout=APPROVAL_WAIT)
 
     # On the GPU queue: if @champion moved since evaluation, promotion scores the challenger again.
     @task(pool=REGISTRY_POOL, queue=DEFAULT.deploy.gpu_queue, execution_timeout=MODEL_WORK, **REGISTRY_RETRIES)
@@ -212,8 +238,8 @@ def retrain_lora() -> None:
     checked = preflight(load())  # skipped: so is everything after it, the summary included
     evaluation = evaluate(train(prepare(validate(checked))))
     registered = register(evaluation)
-    branch = promote_or_keep(evaluation, registered)
-    branch >> [promote_champion(), keep_champion()] >> summary(checked, evaluation, registered)
+    [evaluation, registered] >> promote_or_keep
+    promote_or_keep >> [promote_champion(), keep_champion()] >> summary(checked, evaluation, registered)
 
 
 dag = retrain_lora()

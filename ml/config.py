@@ -303,6 +303,13 @@ class RegistryConfig(_Strict):
             "the loss. One that cannot be computed (no decision column) is reported as not applicable. Each "
             "entry: `metric` (decision_accuracy or degenerate_answers), `margin` (a share), `direction` "
             "(optional: higher or lower)."))
+    approval: Literal["auto", "required"] = Field("auto", description=(
+        "`required`: when the rule says promote, a person approves or rejects in Airflow before @champion "
+        "moves (the `promote_or_keep` task asks in Required Actions, with the review card; its comment and who "
+        "answered are recorded on the version). `auto`: the rule alone. `python -m ml pipeline` has nobody to "
+        "ask: with `required` it keeps the champion and says how to promote by hand."))
+    approval_timeout_h: float = Field(72.0, gt=0, le=24 * 90, description=(
+        "Hours an approval waits for an answer; with none by then the champion stays, and people are told."))
     min_rows: int = Field(20, ge=1, description=(
         "Fewest comparable test rows (after leaving out the champion's training rows) for an automatic "
         "decision; fewer: needs_review."))

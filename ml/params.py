@@ -21,6 +21,7 @@ PARAM_PATHS: dict[str, str] = {
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "min_delta": "registry.min_delta",
+    "approval": "registry.approval",
 }
 _SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
 
@@ -42,6 +43,8 @@ def param_schemas() -> dict[str, dict[str, Any]]:
     for param, dotted in PARAM_PATHS.items():
         schema = field_schema(dotted)
         out[param] = {**schema, "type": ["null", schema["type"]]}
+        if "enum" in schema:  # an empty field is a choice too
+            out[param]["enum"] = [None, *schema["enum"]]
     return out
 
 

@@ -115,6 +115,23 @@ class Interval:
 
 
 @dataclass(frozen=True)
+class Review:
+    """A person's answer to an approval request (registry.approval: required): `Promote` or `Keep`,
+    who (None when nobody answered in time), when, and why."""
+    answer: Literal["Promote", "Keep"]
+    by: str | None
+    at: str
+    comment: str = ""
+    timed_out: bool = False
+
+    def __str__(self) -> str:
+        if self.timed_out:
+            return f"no answer by {self.at}"
+        said = "approved" if self.answer == "Promote" else "rejected"
+        return f"{said} by {self.by} at {self.at}" + (f": {self.comment}" if self.comment else "")
+
+
+@dataclass(frozen=True)
 class Decision:
     outcome: Outcome
     challenger_loss: float
@@ -133,12 +150,14 @@ class Decision:
     challenger_nats_per_byte: float | None = None
     baseline_nats_per_byte: float | None = None
     guardrails: tuple[GuardrailResult, ...] = ()
+    review: Review | None = None  # a person's answer, where one was asked (registry.approval: required)
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Decision:
         """A decision as `dataclasses.asdict` wrote it (an evaluation record's)."""
         guards = tuple(GuardrailResult(**g) for g in record.get("guardrails") or ())
-        return cls(**{**record, "guardrails": guards})
+        review = Review(**record["review"]) if record.get("review") else None
+        return cls(**{**record, "guardrails": guards, "review": review})
 
     @property
     def promote(self) -> bool:
@@ -272,6 +291,28 @@ def judge(scores: Mapping[str, Any], rule: Rule) -> Decision:
         decision = replace(decision, outcome="needs_review",
                            reason=f"NEEDS REVIEW: {scores['review']}; scores: {decision.reason}")
     return decision
+
+
+def reviewed(decision: Decision, review: Review) -> Decision:
+    """The rule's promotion after a person's answer: approved, it stands; rejected, or not answered in
+    time, the champion stays. Either way the answer is part of the decision and its reason."""
+    if review.timed_out:
+        head = f"NO ANSWER to the approval request ({review})"
+    elif review.answer == "Promote" and review.by:
+        return replace(decision, reason=f"{decision.reason}; APPROVED: {review}", review=review)
+    elif review.answer == "Promote":
+        head = "an approval without a logged identity is not taken"
+    else:
+        head = f"REJECTED: {review}"
+    return replace(decision, outcome="keep", review=review,
+                   reason=f"{head}; the champion stays. The rule alone: {decision.reason}")
+
+
+def awaiting_approval(decision: Decision) -> Decision:
+    """A promotion that needs a person's approval where nobody can be asked (`python -m ml pipeline`)."""
+    return replace(decision, outcome="needs_review",
+                   reason=f"NEEDS REVIEW: registry.approval is required and nobody was asked; a person promotes "
+                          f"it with `python -m ml promote --version N --reason ...`. The rule: {decision.reason}")
 
 
 def overruled(decision: Decision, alias: str, now: str | None, set_by: str) -> Decision:

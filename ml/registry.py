@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # A version's tags, few (MLflow's UI lists them alphabetically, below the review card): the decision
 # and its numbers, and what the pipeline compares or finds a version by (the data, the config, the
 # adapter, the base, the run key, the Airflow run). Its run has all the rest.
-VERSION_TAGS = ("decision", "challenger_loss", "baseline_loss", "baseline", "improvement_interval",
+VERSION_TAGS = ("decision", "review", "challenger_loss", "baseline_loss", "baseline", "improvement_interval",
                 "data_fingerprint", "config_sha256", ADAPTER_TAG, "base_model", "base_identity", RUN_KEY_TAG,
                 "airflow.run_id")
 
@@ -163,6 +163,8 @@ def record_outcome(client: MlflowClient, reg: RegistryConfig, version: str, outc
     """What became of the version (promoted, rejected, needs_review), with the decision's numbers."""
     tag_numbers(client, reg, version, decision)
     client.set_model_version_tag(reg.model_name, version, "decision", outcome)
+    if decision.review is not None:  # who approved or rejected it, when, and why
+        client.set_model_version_tag(reg.model_name, version, "review", str(decision.review))
 
 
 def check_adapter(client: MlflowClient, reg: RegistryConfig, registered: Registered, adapter: str) -> None:

@@ -17,6 +17,7 @@ from ml.config import role
 
 HEADINGS = {"promote": "PROMOTED to @champion", "keep": "Kept out: the champion stays",
             "needs_review": "NEEDS REVIEW: nothing moved"}
+AWAITING = "AWAITING APPROVAL: the rule would promote it to @champion"
 GUARD_LABELS = {"decision_accuracy": "yes/no/maybe right", "degenerate_answers": "degenerate answers"}
 
 
@@ -78,15 +79,23 @@ def scores_table(decision: Mapping[str, Any], ch: Mapping[str, Any], base: Mappi
 
 def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot: Mapping[str, Any],
            trained: Mapping[str, Any], changes: list[tuple[str, str, str]], rows: tuple[int, int] | None,
-           links: Mapping[str, str]) -> str:
+           links: Mapping[str, str], awaiting_approval: bool = False) -> str:
+    """The card; `awaiting_approval`: the rule chose the version and a person has yet to answer."""
     ch, base, name = evaluation["challenger"], evaluation["baseline"], decision["baseline"]
-    lines = [f"### {HEADINGS.get(decision['outcome'], decision['outcome'])}", ""]
+    heading = AWAITING if awaiting_approval and decision["outcome"] == "promote" and not decision.get("review") \
+        else HEADINGS.get(decision["outcome"], decision["outcome"])
+    lines = [f"### {heading}", ""]
     if decision.get("low") is not None:
         lines.append(f"Improvement **{decision['improvement']:+.4f}** nats per answer token, "
                      f"{decision['confidence']:.0%} interval [{decision['low']:+.4f}, {decision['high']:+.4f}] over "
                      f"{decision['rows']} test rows (promotion needs the lower bound above "
                      f"{decision['min_delta']:g}).")
     lines += ["", f"> {_cell(decision['reason'], 1200)}", "", *scores_table(decision, ch, base)]
+    if decision.get("review"):
+        r = decision["review"]
+        said = ("no answer by " + r["at"] if r["timed_out"] else
+                f"{'approved' if r['answer'] == 'Promote' else 'rejected'} by {r['by']} at {r['at']}")
+        lines += ["", f"**Review** {_cell(said)}" + (f": {_cell(r['comment'], 400)}" if r["comment"] else "") + "."]
     since = "" if rows is None else f"; since {name}: {rows[0]} training rows added, {rows[1]} removed"
     lines += ["", f"**Data** `{snapshot['source']}`, {snapshot['rows']} rows, fingerprint "
                   f"`{snapshot['fingerprint'][:12]}`{since}."]

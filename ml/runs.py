@@ -8,7 +8,8 @@ retried task repeats only its own step, and a worker that shares the folder can 
     splits/<split>.jsonl        train, validation, test
     champion/                   the champion it competes with, as fetched (champion.json says which)
     train/                      what the trainer writes (`TrainFiles`): adapter, result, curve, checkpoints
-    reports/                    validation, splits, scores, evaluation, train rows, links, registered
+    reports/                    validation, splits, scores, evaluation, train rows, links, registered,
+                                the review card, a person's answer to an approval request
 """
 
 from __future__ import annotations
@@ -128,6 +129,16 @@ class RunPaths:
     def links(self) -> Path:
         """Where the run can be seen (the Airflow run, its task logs), for the review card."""
         return self.reports / "links.json"
+
+    @property
+    def card(self) -> Path:
+        """The version's review card as register wrote it (markdown): what an approver reads."""
+        return self.reports / "review_card.md"
+
+    @property
+    def review(self) -> Path:
+        """A person's answer to the approval request (ml.promotion.Review)."""
+        return self.reports / "review.json"
 
     @property
     def registered(self) -> Path:

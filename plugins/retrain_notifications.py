@@ -3,7 +3,8 @@
 `RetrainNotifier("failure")` is every task's `on_failure_callback`: which task failed, why, and the
 link to its log. `RetrainNotifier("decision")` is the `summary` task's `on_success_callback` and
 `preflight`'s `on_skipped_callback`: promoted, kept, needs review or skipped, with both losses, the
-reason and the MLflow link.
+reason and the MLflow link. `RetrainNotifier("approval")` is the approval gate's: a person's
+approval is asked, where to give it and until when.
 
 The channels are Airflow connections, each optional:
 
@@ -65,6 +66,16 @@ def failure_message(context: Any) -> tuple[str, str]:
     return subject, body
 
 
+def approval_message(context: Any) -> tuple[str, str]:
+    ti, run_id, task = context["ti"], context["run_id"], context["task"]
+    subject = f"{ti.dag_id}: approval needed - {task.subject}"
+    waits = f"{task.response_timeout.total_seconds() / 3600:g} h" if task.response_timeout else "no time limit"
+    body = (f"Run {run_id} of {ti.dag_id} asks a person to approve or reject its model version before "
+            f"@champion moves; without an answer within {waits} the champion stays.\n"
+            f"Answer in Airflow (Required Actions of the run): {ti.log_url}\n\n{task.body[:3000]}")
+    return subject, body
+
+
 def decision_message(context: Any) -> tuple[str, str]:
     ti, run_id = context["ti"], context["run_id"]
     if ti.task_id != "summary":  # preflight skipped the run before training, and said why
@@ -82,16 +93,19 @@ def decision_message(context: Any) -> tuple[str, str]:
     return subject, body
 
 
+MESSAGES = {"failure": failure_message, "decision": decision_message, "approval": approval_message}
+
+
 class RetrainNotifier(BaseNotifier):
     """A failed task or a decision, to every configured channel and the task log."""
 
-    def __init__(self, kind: Literal["failure", "decision"], smtp_conn_id: str = SMTP_CONN_ID,
+    def __init__(self, kind: Literal["failure", "decision", "approval"], smtp_conn_id: str = SMTP_CONN_ID,
                  webhook_conn_id: str = WEBHOOK_CONN_ID) -> None:
         super().__init__()
         self.kind, self.smtp_conn_id, self.webhook_conn_id = kind, smtp_conn_id, webhook_conn_id
 
     def notify(self, context: Any) -> None:
-        subject, body = (failure_message if self.kind == "failure" else decision_message)(context)
+        subject, body = MESSAGES[self.kind](context)
         log.info("notification: %s\n%s", subject, body)
         smtp, hook = _connection(self.smtp_conn_id), _connection(self.webhook_conn_id)
         if smtp is None and hook is None:

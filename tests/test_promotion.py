@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
-from ml.promotion import RowScore, Rule, Scores, decide, paired_bootstrap
+from ml.promotion import Decision, Review, RowScore, Rule, Scores, awaiting_approval, decide, paired_bootstrap, reviewed
 
 RULE = Rule(min_delta=0.01, confidence=0.95, resamples=2000, seed=0, min_rows=20)
 
@@ -83,3 +85,37 @@ def test_the_bootstrap_is_paired_seeded_and_brackets_its_estimate() -> None:
     a = paired_bootstrap(shuffled, base, confidence=0.95, resamples=500, seed=7)
     assert a == paired_bootstrap(shuffled, base, confidence=0.95, resamples=500, seed=7)
     assert a.low < a.improvement < a.high and a.high - a.low > 0.1
+
+
+def _promoted() -> Any:
+    base = noisy(40, 2.0, 0.3, 1)
+    return decide(Scores(rows([x - 0.2 for x in base]), "tok"), Scores(rows(base), "tok"), "champion v1", RULE)
+
+
+def test_an_approved_promotion_stands_and_says_who_approved_it() -> None:
+    d = reviewed(_promoted(), Review("Promote", "alice", "2026-12-06T10:00:00+00:00", "answers read well"))
+    assert d.outcome == "promote" and d.review is not None and d.review.by == "alice"
+    assert d.reason.endswith("; APPROVED: approved by alice at 2026-12-06T10:00:00+00:00: answers read well")
+
+
+def test_a_rejection_an_unanswered_request_or_an_anonymous_approval_keeps_the_champion() -> None:
+    rejected = reviewed(_promoted(), Review("Keep", "bob", "2026-12-06T10:00:00+00:00", "too verbose"))
+    assert rejected.outcome == "keep"
+    assert rejected.reason.startswith("REJECTED: rejected by bob at 2026-12-06T10:00:00+00:00: too verbose; the "
+                                      "champion stays. The rule alone: challenger")
+    late = reviewed(_promoted(), Review("Keep", None, "2026-12-09T10:00:00+00:00", timed_out=True))
+    assert late.outcome == "keep" and late.reason.startswith("NO ANSWER to the approval request (no answer by 2026")
+    anonymous = reviewed(_promoted(), Review("Promote", None, "2026-12-06T10:00:00+00:00"))
+    assert anonymous.outcome == "keep" and "without a logged identity is not taken" in anonymous.reason
+
+
+def test_nobody_to_ask_is_a_review_not_a_promotion() -> None:
+    d = awaiting_approval(_promoted())
+    assert d.outcome == "needs_review" and "python -m ml promote --version N" in d.reason
+
+
+def test_a_reviewed_decision_survives_its_record() -> None:
+    from dataclasses import asdict
+
+    d = reviewed(_promoted(), Review("Promote", "alice", "2026-12-06T10:00:00+00:00", "ok"))
+    assert Decision.from_dict(asdict(d)) == d

@@ -304,3 +304,17 @@ def test_a_better_loss_with_clearly_worse_decisions_is_kept_and_without_that_gua
     assert pipeline.evaluate(flip, paths)["outcome"] == "promote"
     assert pipeline.promote(flip, paths, "challenger")["promoted"]
     assert _alias(client, name, "champion") == version.version
+
+
+def test_the_local_runner_has_nobody_to_ask_for_a_required_approval(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """`python -m ml pipeline` with registry.approval required: the rule's promotion waits for a
+    person, who promotes by hand; nothing moves."""
+    cfg = _cfg("p-approval", tmp_path, **{"registry.approval": "required", "train.max_steps": 10})
+    result = run_all(cfg, "asks")
+    assert result["outcome"] == "needs_review" and not result["promoted"]
+    assert "python -m ml promote --version N" in result["reason"] and "The rule: challenger" in result["reason"]
+    assert _alias(client, "p-approval", "champion") is None
+    version = _version_of(client, "p-approval", "asks")
+    assert version.tags["decision"] == "needs_review"
+    assert client.get_model_version("p-approval", version.version).description.startswith("### NEEDS REVIEW")

@@ -76,3 +76,18 @@ def test_the_card_shows_each_guardrail_beside_the_loss() -> None:
     assert ("| degenerate answers (guardrail, margin 0.0%) | – | – | – | not applicable: measured on no test row "
             "of both models |") in card
     assert "| yes/no/maybe right | 50.0% |" not in card  # the guardrail's row says it
+
+
+def test_a_card_awaiting_approval_says_so_and_a_reviewed_one_says_who_answered() -> None:
+    inputs = _inputs()
+    card = render(**inputs, changes=[], rows=None, links={}, awaiting_approval=True)
+    assert card.startswith("### AWAITING APPROVAL: the rule would promote it to @champion")
+    review = {"answer": "Promote", "by": "alice", "at": "2026-12-06T10:00:00+00:00", "comment": "reads well",
+              "timed_out": False}
+    inputs["decision"] = {**inputs["decision"], "review": review}
+    card = render(**inputs, changes=[], rows=None, links={}, awaiting_approval=True)
+    assert card.startswith("### PROMOTED to @champion")
+    assert "**Review** approved by alice at 2026-12-06T10:00:00+00:00: reads well." in card
+    inputs["decision"] = {**inputs["decision"], "outcome": "keep",
+                          "review": {**review, "answer": "Keep", "by": None, "comment": "", "timed_out": True}}
+    assert "**Review** no answer by 2026-12-06T10:00:00+00:00." in render(**inputs, changes=[], rows=None, links={})

@@ -3,7 +3,8 @@
     data_steps     freeze, load, preflight, validate, prepare
     train_step     train (the trainer in a supervised process of its own)
     evaluate_step  evaluate (challenger vs champion, the decision)
-    release        register, promote | keep, final_decision
+    release        register, promote | keep, final_decision; approval_request and record_review
+                   for the DAG's approval gate
     local          run_all: `python -m ml pipeline`, every step in one process
 
 The Airflow DAG calls these one per task, and `python -m ml <step>` and `python -m ml pipeline`
@@ -19,8 +20,8 @@ needs neither MLflow's model flavors nor Great Expectations.
 
 from ml.pipeline.data_steps import freeze, load, preflight, prepare, validate
 from ml.pipeline.evaluate_step import evaluate
-from ml.pipeline.release import final_decision, keep, promote, register
+from ml.pipeline.release import approval_request, final_decision, keep, promote, record_review, register
 from ml.pipeline.train_step import fetch_champion, train, training_command
 
-__all__ = ["evaluate", "fetch_champion", "final_decision", "freeze", "keep", "load", "preflight", "prepare",
-           "promote", "register", "train", "training_command", "validate"]
+__all__ = ["approval_request", "evaluate", "fetch_champion", "final_decision", "freeze", "keep", "load",
+           "preflight", "prepare", "promote", "record_review", "register", "train", "training_command", "validate"]

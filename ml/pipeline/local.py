@@ -70,7 +70,10 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
         seconds["train process"] = trained["process_s"]
     promoted = timed("evaluate", evaluate, cfg, paths)["promote"]
     timed("register", register, cfg, paths, run_key)
-    result = timed("promote", promote, cfg, paths, run_key) if promoted else timed("keep", keep, cfg, paths)
+    if promoted and cfg.registry.approval != "required":  # nobody here to approve: keep says how to
+        result = timed("promote", promote, cfg, paths, run_key)
+    else:
+        result = timed("keep", keep, cfg, paths)
     return {"run_dir": str(paths.root), "fingerprint": snap.fingerprint, **result, "seconds": seconds}
 
 

@@ -1,6 +1,7 @@
 """The release steps: register (the run's evidence and a model version), then promote or keep (the
 only moves of @champion a run makes, through ml/champion.py), and the decision as it stands after
-them."""
+them. Where a person must approve (registry.approval: required), the DAG's approval gate asks with
+`approval_request` and records the answer with `record_review`; promote and keep apply it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ml import evaluation
 from ml.config import PipelineConfig
 from ml.errors import RegistryConflict
 from ml.identity import adapter_hash
-from ml.promotion import Decision, describe, overruled
+from ml.promotion import Decision, Review, awaiting_approval, describe, overruled, reviewed
 from ml.review_card import config_changes, render, row_changes
 from ml.runs import RunPaths, read_champion, read_json, write_json
 
@@ -37,6 +38,7 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str,
         write_json(paths.links, links)
     client = tracking.connect(cfg.registry)
     card = _review_card(client, cfg, paths, decision)
+    paths.card.write_text(card, encoding="utf-8")
     registered = registry.find_registered(client, cfg.registry, run_key, adapter)
     if registered:
         log.info("run %s already registered version %s; not registering again", run_key, registered.version)
@@ -70,6 +72,13 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
         raise RuntimeError(f"version {registered.version} was not chosen for promotion: {decision.reason}")
     reg, client = cfg.registry, tracking.connect(cfg.registry)
     registry.check_adapter(client, reg, registered, _evaluated_adapter(paths, ev))
+    if reg.approval == "required" and decision.review is None:
+        if not paths.review.exists():
+            raise RuntimeError(f"version {registered.version} needs a person's approval (registry.approval: required) "
+                               "and none is recorded: promote it by hand with python -m ml promote --version "
+                               f"{registered.version} --reason ...")
+        decision = reviewed(decision, Review(**read_json(paths.review)))
+        evaluation.redecide(paths, ev, decision)
     with champion.lock(client, reg):
         expected = ev["champion_version"]
         moved = champion.moved_since(client, reg, expected, registered.version)
@@ -80,7 +89,11 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             from ml.scoring import score_again  # torch, transformers
 
             scores = score_again(cfg, paths, champion.fetch(client, reg, paths.champion), "promote step")
-            decision, expected = Decision.from_dict(evaluation.conclude(cfg, paths, scores)["decision"]), moved.now
+            record = evaluation.conclude(cfg, paths, scores)
+            decision, expected = Decision.from_dict(record["decision"]), moved.now
+            if approved := (Review(**read_json(paths.review)) if paths.review.exists() else None):
+                decision = reviewed(decision, approved)  # the person's approval holds for the same version
+                evaluation.redecide(paths, record, decision)
         if decision.promote:
             champion.promote(client, reg, registered, decision, expected, run_key or paths.root.name)
         else:
@@ -90,14 +103,32 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
 
 
 def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Keep the champion: tag this run's version rejected (or needs_review), with the reason."""
+    """Keep the champion: tag this run's version rejected (or needs_review), with the reason. A version
+    the rule chose is kept only on a person's answer (rejected, or no answer in time), or for want of
+    one (registry.approval: required, and nobody to ask: `python -m ml pipeline`)."""
     from ml import champion, registry, tracking  # MLflow
 
-    registered, (decision, _) = _registered(paths), evaluation.read(paths)
+    registered, (decision, ev) = _registered(paths), evaluation.read(paths)
+    if decision.promote:
+        review = Review(**read_json(paths.review)) if paths.review.exists() else None
+        decision = reviewed(decision, review) if review else awaiting_approval(decision)
+        evaluation.redecide(paths, ev, decision)
     client = tracking.connect(cfg.registry)
     champion.keep(client, cfg.registry, registered, decision)
     registry.describe(client, cfg.registry, registered.version, _review_card(client, cfg, paths, decision))
     return _outcome(registered, decision)
+
+
+def approval_request(paths: RunPaths) -> dict[str, str]:
+    """What a person reads to approve or reject: the version, its run and its review card."""
+    registered = read_json(paths.registered)
+    return {"version": registered["version"], "run_id": registered["run_id"],
+            "card": paths.card.read_text(encoding="utf-8")}
+
+
+def record_review(paths: RunPaths, answer: dict[str, Any]) -> None:
+    """A person's answer to the approval request (or the default, when nobody answered in time)."""
+    write_json(paths.review, asdict(Review(**answer)))
 
 
 def final_decision(paths: RunPaths) -> dict[str, Any]:
@@ -139,4 +170,5 @@ def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, dec
     links = read_json(paths.links) if paths.links.exists() else {}
     return render(asdict(decision), ev, read_json(paths.snapshot), read_json(paths.trained.result),
                   config_changes(cfg.flat(), params),
-                  row_changes(read_json(paths.train_rows), champ.trained_rows if champ else None), links)
+                  row_changes(read_json(paths.train_rows), champ.trained_rows if champ else None), links,
+                  awaiting_approval=cfg.registry.approval == "required")
