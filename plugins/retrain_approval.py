@@ -6,7 +6,8 @@ person's approval (registry.approval: required) and the rule says promote, it as
 request (the review card: losses with their interval, every guardrail, sample answers, links to
 the MLflow version and run) waits in Airflow's Required Actions, the task parked in Airflow's
 awaiting-input state (no worker slot held while it waits). "Promote" or "Keep" and a comment come
-back through the UI or the REST API from a logged-in user, whose name is recorded; no answer within
+back through the UI or the REST API from a logged-in user, whose name is recorded (an anonymous
+answer is recorded without one, and is not taken as an approval); no answer within
 the run's `registry.approval_timeout_h` takes the default, "Keep". What to ask and what to do with
 the answer are the DAG's (`route`, `answered`): this module knows nothing of `ml`.
 """
@@ -23,6 +24,9 @@ from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 
 PROMOTE, KEEP = "Promote", "Keep"
+# Who answers when every user is admin and nobody logs in (make airflow-ui): no identity, so an
+# approval from it is not taken.
+ANONYMOUS = "Anonymous"
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,10 @@ class ApprovalGate(HITLBranchOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         if "error" not in event:  # a person's answer, or the default when nobody answered in time
             user = event.get("responded_by_user") or {}
+            name = user.get("name") if isinstance(user, Mapping) else None
             at = event["responded_at"]
             self.answered(context, {
-                "answer": event["chosen_options"][0], "by": user.get("name") if isinstance(user, Mapping) else None,
+                "answer": event["chosen_options"][0], "by": None if name == ANONYMOUS else name,
                 "at": at.isoformat(timespec="seconds") if hasattr(at, "isoformat") else str(at),
                 "comment": str((event.get("params_input") or {}).get("comment") or ""),
                 "timed_out": bool(event.get("timedout"))})
