@@ -205,8 +205,10 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
               lambda: http_json("GET", f"{airflow}/api/v2/dags/retrain_lora", headers=auth)[0] == 200, 300, stack)
         code, body = http_json("PATCH", f"{airflow}/api/v2/dags/retrain_lora", {"is_paused": False}, auth)
         assert code == 200, body
+        # a person's approval asked for this run (the form's field), answered through the REST API
         code, run = http_json("POST", f"{airflow}/api/v2/dags/retrain_lora/dagRuns",
-                              {"logical_date": None, "conf": {"profile": "demo", "max_steps": 30}}, auth)
+                              {"logical_date": None, "conf": {"profile": "demo", "max_steps": 30,
+                                                              "approval": "required"}}, auth)
         assert code in (200, 201), run
         run_url = f"{airflow}/api/v2/dags/retrain_lora/dagRuns/{run['dag_run_id']}"
 
@@ -214,7 +216,17 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
             code, state = http_json("GET", run_url, headers=auth)
             return state["state"] if code == 200 and state["state"] in ("success", "failed") else None
 
-        state = _wait("the DAG run", finished, 1500, stack)
+        def asking() -> bool:
+            code, ti = http_json("GET", f"{run_url}/taskInstances/promote_or_keep", headers=auth)
+            assert finished() is None, _failed_task_logs(run_url, auth)
+            return code == 200 and ti["state"] == "awaiting_input"
+
+        _wait("the approval request", asking, 1500, stack)
+        time.sleep(6)  # a person answers after seconds (tests/test_approval.py says why that matters)
+        code, body = http_json("PATCH", f"{run_url}/taskInstances/promote_or_keep/-1/hitlDetails",
+                               {"chosen_options": ["Promote"], "params_input": {"comment": "stack test"}}, auth)
+        assert code == 200, body
+        state = _wait("the DAG run", finished, 900, stack)
         assert state == "success", _failed_task_logs(run_url, auth) + "\n" + stack.logs("mlflow")
 
     code, tis = http_json("GET", f"{run_url}/taskInstances", headers=auth)
@@ -236,6 +248,8 @@ def test_the_stack_runs_the_pipeline_and_keeps_its_state(stack: Stack) -> None:
 
     aliases, version = registry()
     assert aliases == {"champion": "1"}, aliases
+    review = {t["key"]: t["value"] for t in version["tags"]}["review"]
+    assert review.startswith("approved by ") and review.endswith(": stack test") and " None " not in review
     code, mlrun = ml("GET", f"/api/2.0/mlflow/runs/get?run_id={version['run_id']}", headers=admin)
     assert code == 200, mlrun
     params = {p["key"]: p["value"] for p in mlrun["run"]["data"]["params"]}
