@@ -4,9 +4,13 @@
 # each serve their task logs on all interfaces (ports 8793/8794, no host setting); here they serve
 # none: the API server reads the task logs from this machine's log folder. The caller sets
 # AIRFLOW_HOME and the rest of Airflow's configuration; AIRFLOW_PORT (default 8080) is the UI's port.
+# Every user being admin, the API refuses any Host but a loopback name (DNS rebinding):
+# plugins/local_host_guard.py, hence the plugins folder by default.
 set -euo pipefail
-BIN=$(cd "$(dirname "$0")/.." && pwd)/.venv/bin
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=$ROOT/.venv/bin
 export PATH=$BIN:$PATH AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=${AIRFLOW_PORT:-8080}
+export AIRFLOW__CORE__PLUGINS_FOLDER=${AIRFLOW__CORE__PLUGINS_FOLDER:-$ROOT/plugins}
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/
 airflow db migrate >/dev/null
 pids=()
