@@ -91,14 +91,14 @@ PARAMS = {
 }
 
 
-def _run() -> tuple[Any, Any, str]:
+def _run(first: bool = False) -> tuple[Any, Any, str]:
     """This run's typed config, run folder and key: the first task freezes the config built from the
     Params in the run folder; every later task reads that copy (a profile edited mid-run changes nothing)."""
     ctx = get_current_context()
     cfg = config_from_params(dict(ctx["params"]))
     run_key = f"{DAG_ID}__{ctx['run_id']}"
     paths = run_paths(cfg, run_key)
-    return pipeline.freeze(cfg, paths), paths, run_key
+    return pipeline.freeze(cfg, paths, first), paths, run_key
 
 
 def _route(context: Any) -> tuple[str | None, Ask | None]:
@@ -149,7 +149,7 @@ def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
 def retrain_lora() -> None:
     @task
     def load() -> dict[str, Any]:
-        cfg, paths, _ = _run()
+        cfg, paths, _ = _run(first=True)
         return asdict(pipeline.load(cfg, paths))
 
     @task(on_skipped_callback=RetrainNotifier("decision"))  # skipped: nothing changed, and people are told

@@ -106,7 +106,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     paths = run_paths(cfg, args.run_key)
     step = args.command
     _needs_run_folder(step, paths, args)
-    cfg = pipeline.freeze(cfg, paths)  # the first step writes the run's config; later steps read it
+    cfg = pipeline.freeze(cfg, paths, first=step == "load")  # load writes the run's config; later steps read it
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
     elif step in ("validate", "register", "promote"):

@@ -25,12 +25,13 @@ from typing import Any
 
 import datasets
 import transformers
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
 
 from ml.config import resolve_path
 from ml.errors import ModelLoadError
+from ml.identity import base_identity
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def current_identity(name: str, revision: str | None = None) -> str | None:
+    """What base model `name` is now, without loading it, as scoring records it (ml.identity.base_identity):
+    a local folder's weights hash, a hub id at the commit its revision resolves to (asked of the hub,
+    else read from the local cache), or None where neither can say."""
+    ref = resolve(name, revision)
+    if Path(ref).is_dir():
+        return base_identity(name, ref, None, revision)
+    try:
+        commit: str | None = HfApi().model_info(name, revision=revision).sha
+    except Exception:  # offline or unreachable: the commit a cached download came from
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        commit = Path(cached).parent.name if isinstance(cached, str) else None
+    return f"{name}@{commit}" if commit else None
 
 
 def resolve(name: str, revision: str | None = None) -> str:

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from ml.config import PipelineConfig, resolve_path
 from ml.errors import ConfigError
@@ -64,6 +65,11 @@ class TrainFiles:
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
+
+    @property
+    def key(self) -> str:
+        """The run key this folder was named after (`run_folder_name`)."""
+        return unquote(self.root.name)
 
     @property
     def config(self) -> Path:
@@ -174,18 +180,40 @@ def read_champion(folder: Path) -> tuple[bool, Champion | None]:
     return True, Champion(**record) if record else None
 
 
+MAX_FOLDER_NAME = 255  # bytes: the longest file name of ext4, xfs and most others
+UNSAFE_IN_KEY = re.compile(r"['\"`\\]|[\x00-\x1f\x7f]")  # break MLflow's filter strings, or unprintable
+
+
+def run_folder_name(run_key: str) -> str:
+    """The run key as a folder name, one to one: letters, digits, '_', '-', '.' and '~' stay, anything
+    else is percent-encoded ('%' too), so no two keys share a folder (`col a`, `col_a`; Airflow run
+    ids that differ only in ':' or '+'), and the key is read back from the name (`RunPaths.key`).
+    Refuses a key that MLflow's filter strings cannot quote or a file system cannot name."""
+    bad = UNSAFE_IN_KEY.search(run_key)
+    if not run_key or bad:
+        raise ConfigError(f"run key {run_key!r} cannot name a run: it must be non-empty, without quotes, "
+                          "backslashes or control characters" + (f" (found {bad.group()!r})" if bad else ""))
+    name = quote(run_key, safe="")
+    if name.startswith("."):  # "." and ".." are not folders of their own, ".x" would hide
+        name = "%2E" + name[1:]
+    if len(name.encode()) > MAX_FOLDER_NAME:
+        raise ConfigError(f"run key {run_key[:40]!r}... is too long: {len(name)} characters as a folder name, "
+                          f"at most {MAX_FOLDER_NAME} (each character other than letters, digits, '_', '-', '.', '~' "
+                          "counts three)")
+    return name
+
+
 def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:
-    """The run's folder: a direct child of `output_dir`, whatever the key (`..` cannot climb out)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key).strip("_")
-    if not safe or safe.startswith("."):
-        raise ConfigError(f"run key {run_key!r} does not name a folder inside output_dir: use letters, digits, "
-                          "'_', '-' and '.', not starting with '.'")
-    return RunPaths(resolve_path(cfg.output_dir) / safe)
+    """The run's folder: a direct child of `output_dir` named after the key (`run_folder_name`)."""
+    return RunPaths(resolve_path(cfg.output_dir) / run_folder_name(run_key))
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Whole or not at all: a step killed while writing leaves the earlier file (or none), never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    part.replace(path)
 
 
 def read_json(path: Path) -> Any:

@@ -33,6 +33,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from ml.config import PipelineConfig, RegistryConfig, resolve_path
 from ml.data import read_split
@@ -162,11 +163,12 @@ class TrainingRun:
 
     def __enter__(self) -> TrainingRun:
         experiment_id = ensure_experiment(self.client, self.cfg.registry)
-        mlflow.set_system_metrics_sampling_interval(self.every_s)
-        mlflow.set_system_metrics_samples_before_logging(1)
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_key, log_system_metrics=True,
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_key, log_system_metrics=False,
                                tags={RUN_KEY_TAG: self.run_key, STAGE_TAG: "training", "profile": self.cfg.profile})
         self.run_id = run.info.run_id
+        # started and stopped here rather than by start_run/end_run: stopped even where the run's end is not taken
+        self.system = SystemMetricsMonitor(self.run_id, sampling_interval=self.every_s, samples_before_logging=1)
+        self.system.start()
         mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
         # an earlier attempt's records are not this run's (and the trainer starts the file anew)
         self.file.unlink(missing_ok=True)
@@ -183,8 +185,8 @@ class TrainingRun:
             f.seek(self.offset)
             lines = f.readlines()
         complete = [line for line in lines if line.endswith("\n")]  # a line being written waits
-        self.offset += sum(len(line.encode("utf-8")) for line in complete)
         log_batches(self.client, self.run_id, curve_metrics([json.loads(line) for line in complete]))
+        self.offset += sum(len(line.encode("utf-8")) for line in complete)  # sent: a failed send is sent again
 
     def _poll(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -195,14 +197,46 @@ class TrainingRun:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
+        """Closes the run. The trainer's files are on disk by now: a tracking server away at this moment
+        is waited for (`CLOSE_WAITS_S`), then left behind, and never fails a finished training (register
+        logs what this run lacks, and closes it); a failed training keeps its own error."""
         self.stop.set()
         self.thread.join()
-        self.relay()
-        if error is not None:
-            mlflow.log_text(str(error), "train/log_tail.txt")
-        else:  # which adapter it wrote: register continues only the run of the adapter it registers
-            mlflow.set_tag(ADAPTER_TAG, adapter_hash(self.adapter))
-        mlflow.end_run("FAILED" if error is not None else "FINISHED")
+        with contextlib.suppress(MlflowException, OSError):
+            self.system.finish()
+        status = "FAILED" if error is not None else "FINISHED"
+
+        def close() -> None:
+            self.relay()
+            if error is not None:
+                self.client.log_text(self.run_id, str(error), "train/log_tail.txt")
+            else:  # which adapter it wrote: register continues only the run of the adapter it registers
+                self.client.set_tag(self.run_id, ADAPTER_TAG, adapter_hash(self.adapter))
+            self.client.set_terminated(self.run_id, status)
+
+        for wait in (*CLOSE_WAITS_S, None):
+            try:
+                close()
+                break
+            except (MlflowException, OSError) as exc:
+                if wait is None:
+                    log.warning("MLflow did not take the end of training run %s (%s); the trained files are "
+                                "kept in %s and register records them", self.run_id, _first_line(exc),
+                                self.file.parent)
+                else:
+                    log.warning("closing training run %s: %s; trying again in %.0f s", self.run_id,
+                                _first_line(exc), wait)
+                    time.sleep(wait)
+        with contextlib.suppress(MlflowException, OSError):  # no longer the active run, taken or not
+            mlflow.end_run(status)
+
+
+CLOSE_WAITS_S = (5.0, 20.0, 60.0)  # backoff before a training run's end is left to register
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def training_run(client: MlflowClient, experiment_id: str, run_key: str, adapter: str) -> str | None:

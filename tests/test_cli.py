@@ -65,7 +65,8 @@ def test_bad_input_ends_in_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     out_dir = tmp_path / "runs"
     cases = {
         ("evaluate", "--run-key", "never-loaded"): "pass the --run-key",
-        ("load", "--run-key", ".."): "does not name a folder inside output_dir",
+        ("load", "--run-key", "it's"): "without quotes",
+        ("load", "--run-key", "k" * 300): "is too long",
         ("load", "--set", "train.max_steps=0"): "untrained adapter",
         ("load", "--set", "train.max_steps=9223372036854775807"): "max_steps",
         ("load", "--set", "train.num_train_epochs=1e12"): "num_train_epochs",

@@ -292,3 +292,49 @@ def test_an_account_reads_no_champion_where_it_sees_no_model_and_never_takes_ano
     finally:
         server.stop()
         mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_down_as_training_ends_keeps_the_training_and_the_retry_trains_nothing(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server of its own goes away once the training run is open (the trainer, which talks to no
+    MLflow, trains on) and is back for the task's retry: the finished training is kept, the retry
+    trains no step, and the version registered from it is complete."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ml import tracking
+    from ml.identity import adapter_hash
+
+    monkeypatch.setattr(tracking, "CLOSE_WAITS_S", (0.5,))
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    cfg = load_config("e2e", {"output_dir": str(tmp_path / "runs"), "registry.tracking_uri": server.url,
+                              "registry.request_retries": 0, "registry.request_timeout_s": 5,
+                              "registry.model_name": "faults-train-outage", "train.max_steps": 10})
+    paths = run_paths(cfg, "train-outage")
+    cfg = pipeline.freeze(cfg, paths, first=True)
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    try:
+        trained = pipeline.train(cfg, paths, opened=lambda run_id: server.stop())
+        assert trained["global_step"] == 10 and "reused" not in trained
+        server.start()
+        curve, adapter = paths.trained.metrics.read_bytes(), adapter_hash(paths.trained.adapter)
+        again = pipeline.train(cfg, paths)  # what the task's retry runs
+        assert again["reused"] and again["global_step"] == 10
+        assert paths.trained.metrics.read_bytes() == curve and adapter_hash(paths.trained.adapter) == adapter
+
+        pipeline.evaluate(cfg, paths)
+        registered = pipeline.register(cfg, paths, "train-outage")
+        client = MlflowClient(server.url)
+        version = client.get_model_version("faults-train-outage", registered["version"])
+        assert version.tags["adapter_sha256"] == adapter
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED" and "train.max_steps" in run.data.params
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 11))
+        runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+                                  "tags.`pipeline.run_key` = 'train-outage'")
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the training run, closed by register
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(None)

@@ -5,6 +5,7 @@ unchanged dataset. Each test has a registered model of its own."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +169,9 @@ def test_a_rerun_under_a_reused_key_never_promotes_the_earlier_attempts_adapter(
     kept = artifacts(first["version"])
     assert any(k.endswith("adapter_model.safetensors") for k in kept)
     assert any(k.endswith("reports/evaluation.json") for k in kept)
-    # another attempt under the same key trains again and rewrites the adapter after that evaluation
+    # another attempt under the same key trains again (its finished training removed: a retry would
+    # reuse it) and rewrites the adapter after that evaluation
+    shutil.rmtree(paths.train)
     pipeline.train(_cfg(name, tmp_path, **{"train.max_steps": 32, "train.learning_rate": 1e-3}), paths)
     with pytest.raises(RegistryConflict, match="not the one evaluated"):
         pipeline.promote(cfg, paths, "same-key")
@@ -230,6 +233,45 @@ def test_an_unchanged_run_is_skipped_visibly_and_force_trains(client: Any, tiny_
     other = "1" if champ.version == "2" else "2"
     client.set_registered_model_alias(name, "champion", other)
     assert pipeline.fetch_champion(cfg, paths).version == other
+
+
+def test_the_skip_counts_the_base_models_weights_and_only_training_settings(
+        client: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """Preflight against a champion registered with this run's data, training settings and base (the
+    tags register writes): skipped, also when only operational settings differ; trained once the base's
+    weights change under the same path."""
+    import mlflow
+    from safetensors.torch import load_file, save_file
+
+    from ml.base_models import current_identity
+    from ml.identity import config_hash
+
+    name, base = "p-skip-base", tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    cfg = _cfg(name, tmp_path, **{"model.base_model": str(base)})
+    paths = run_paths(cfg, "probe")
+    pipeline.load(pipeline.freeze(cfg, paths, first=True), paths)
+    with mlflow.start_run(experiment_id=client.create_experiment("p-skip-base")) as run:
+        mlflow.log_text("weights", "model/adapter.txt")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags={
+        "data_fingerprint": read_json(paths.snapshot)["fingerprint"], "config_sha256": config_hash(cfg),
+        "base_identity": current_identity(str(base))})
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    assert "nothing changed since champion v1" in (pipeline.preflight(cfg, paths) or "")
+    operational = _cfg(name, tmp_path, **{"model.base_model": str(base), "eval.batch_size": 3,
+                                          "registry.approval": "required", "train.logging_steps": 5})
+    assert config_hash(operational) == config_hash(cfg) and pipeline.preflight(operational, paths)
+    training = _cfg(name, tmp_path, **{"model.base_model": str(base), "lora.r": 4})
+    assert pipeline.preflight(training, paths) is None
+
+    weights = next(base.glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 0.01  # the base rebuilt under the same path
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert pipeline.preflight(cfg, paths) is None
 
 
 def test_a_run_on_bad_data_stops_at_the_gate_and_says_why(client: Any, tiny_model: Path, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
     data and training settings equal the champion's stops after preflight. The gate's worker is
     spawned: a script calling this needs `if __name__ == "__main__":`."""
     paths = run_paths(cfg, run_key)
-    cfg = freeze(cfg, paths)
+    cfg = freeze(cfg, paths, first=True)
     seconds: dict[str, float] = {}
 
     def timed(name: str, step: Any, *args: Any, **kwargs: Any) -> Any:

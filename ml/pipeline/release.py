@@ -95,7 +95,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
                 decision = reviewed(decision, approved)  # the person's approval holds for the same version
                 evaluation.redecide(paths, record, decision)
         if decision.promote:
-            champion.promote(client, reg, registered, decision, expected, run_key or paths.root.name)
+            champion.promote(client, reg, registered, decision, expected, run_key or paths.key)
         else:
             champion.keep(client, reg, registered, decision)
     registry.describe(client, reg, registered.version, _review_card(client, cfg, paths, decision))

@@ -37,11 +37,16 @@ def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
     fails; `opened` is told its id before training starts); register continues it."""
     from ml import champion, tracking  # MLflow
 
+    finished = finished_training(paths)
+    if finished is not None:  # a retry after the training ended (MLflow away as it closed the run, say)
+        log.info("the training of an earlier attempt finished (%s steps, adapter %s): not training again; "
+                 "register records it", finished["global_step"], paths.trained.adapter)
+        return {**finished, "reused": True}
     paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
     client = tracking.connect(cfg.registry)
     if cfg.eval.score_while_loaded:
         champion.fetch(client, cfg.registry, paths.champion)
-    with tracking.TrainingRun(client, cfg, run_key or paths.root.name, paths.train) as run:
+    with tracking.TrainingRun(client, cfg, run_key or paths.key, paths.train) as run:
         if opened:
             opened(run.run_id)
         if not cfg.train.isolate:
@@ -51,10 +56,21 @@ def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
         return _train_in_child(cfg, paths)
 
 
+def finished_training(paths: RunPaths) -> dict[str, Any] | None:
+    """The result of a training that finished in this run folder (its adapter and summary written,
+    the test split scored where it scores while loaded), or None. The run folder holds one config
+    and one snapshot (`freeze`, `load`), so a finished adapter there is this run's."""
+    try:
+        result = read_json(paths.trained.result)
+    except (OSError, ValueError):  # not written yet, or cut short by a kill
+        return None
+    return result if isinstance(result, dict) and paths.trained.adapter.is_dir() else None
+
+
 def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     """The child's command line; the run's resolved config travels as a file in the run folder."""
     write_json(paths.config, cfg.model_dump(mode="json"))
-    return [sys.executable, "-m", "ml", "train", "--config", str(paths.config), "--run-key", paths.root.name]
+    return [sys.executable, "-m", "ml", "train", "--config", str(paths.config), "--run-key", paths.key]
 
 
 def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
