@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,7 +34,8 @@ DEFAULT_INSTRUCTION = "다음 의학 연구 질문에 주어진 연구 내용을
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity pass every bound (a NaN compares false), so no number field takes them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # dataset files read here (ml/sources.py)
@@ -41,7 +44,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # dataset files read h
 class DataConfig(_Strict):
     source: str = Field("ChuGyouk/PubMedQA-test-Ko", description=(
         "Hugging Face dataset id, or a local .jsonl/.json/.parquet/.csv file or `save_to_disk` folder "
-        "(relative paths resolve against the project root)."))
+        "(relative paths resolve against the project root, never the working directory). A hub id is `name` or "
+        "`org/name`; anything else is a path, and a value that is neither is refused."))
     split: str = Field("test", description=(
         "Split to load from a dataset repository (hub id or its folder) or a `save_to_disk` DatasetDict. "
         "ChuGyouk/PubMedQA-test-Ko has one, `test`, named after its one file; a split the dataset lacks "
@@ -68,7 +72,13 @@ class DataConfig(_Strict):
     @property
     def is_local(self) -> bool:
         """A file or folder here, not a hub id."""
-        return looks_local(self.source)
+        return local_path(self.source) is not None
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        local_path(value)  # a path or a hub id, else refused here
+        return value
 
     @property
     def uri(self) -> str:
@@ -122,8 +132,9 @@ class ValidationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base_model: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                            description="Base model: a Hugging Face hub id or a local folder.")
+    base_model: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", description=(
+        "Base model: a Hugging Face hub id or a local folder (as `data.source`: relative paths resolve against the "
+        "project root)."))
     revision: str | None = Field(None, description="Hub revision (tag, branch or commit) of the base model.")
     max_seq_length: int = Field(512, gt=8, description=(
         "Tokens per example (prompt + answer); longer examples lose the end of their answer."))
@@ -136,10 +147,16 @@ class ModelConfig(_Strict):
     use_chat_template: bool = Field(True, description=(
         "Render prompts through the tokenizer's chat template when it has one (else plain Alpaca text)."))
 
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        local_path(value)  # a path or a hub id, else refused here
+        return value
+
 
 class LoraSettings(_Strict):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(16, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank (at most 1024: a larger rank is no longer low-rank).")
+    alpha: int = Field(16, gt=0, le=2048, description="LoRA alpha (the update is scaled by alpha / r; at most 2048).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     target_modules: list[str] = Field(
@@ -166,11 +183,12 @@ class TrainConfig(_Strict):
     max_steps: int = Field(60, ge=-1, le=1_000_000, description=(
         "Optimizer steps (-1: train for num_train_epochs; 0 is refused: it would register an untrained adapter)."))
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Epochs, used when max_steps is -1.")
-    learning_rate: float = Field(2e-4, ge=0.0, description="Peak learning rate.")
+    learning_rate: float = Field(2e-4, ge=0.0, le=1.0, description=(
+        "Peak learning rate (at most 1). A training whose loss becomes NaN or infinite fails, naming the step."))
     lr_scheduler_type: str = Field("linear", description="transformers' learning-rate schedule after warm-up.")
     optim: str = Field("adamw_8bit", description=(
         "transformers' optimizer name; an 8-bit one becomes adamw_torch without CUDA."))
-    weight_decay: float = Field(0.01, description="AdamW weight decay.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     gradient_checkpointing: Literal["unsloth", "true", "false"] = Field("unsloth", description=(
         "Recompute activations in the backward pass instead of keeping them: `unsloth` (offloaded to "
         "the CPU), `true` (transformers' own), `false`. Less memory, more time."))
@@ -191,7 +209,8 @@ class TrainConfig(_Strict):
         "slower without varlen attention kernels."))
     group_by_length: bool = Field(True, description=(
         "Batches of similar lengths (less padding; another example order than random)."))
-    seed: int = Field(3407, description="Random seed of LoRA initialisation, data order and dropout.")
+    seed: int = Field(3407, ge=0, le=2**32 - 1, description=(
+        "Random seed of LoRA initialisation, data order and dropout (0 to 2**32 - 1, NumPy's range)."))
     logging_steps: int = Field(1, gt=0, description="Log loss, learning rate and speed every N steps.")
     save_steps: int = Field(20, gt=0, description=(
         "Checkpoint every N steps, so a retry resumes instead of starting over."))
@@ -280,20 +299,27 @@ class GuardrailConfig(_Strict):
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description=(
-        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI). Credentials never live here: MLflow reads "
-        "MLFLOW_TRACKING_USERNAME/PASSWORD from the environment."))
-    experiment: str = Field("pubmedqa-ko-lora", description="MLflow experiment of the runs.")
-    model_name: str = Field("pubmedqa-ko-llama31-8b-lora", description="Registered model the versions belong to.")
-    champion_alias: str = Field("champion", description="Alias of the model in production.")
-    previous_alias: str = Field("previous_champion", description="Alias the replaced champion keeps (for rollback).")
-    min_delta: float = Field(0.01, ge=0.0, description=(
+        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI). Credentials never stay here: the `user:password@` "
+        "of an http(s) URI (here or in $MLFLOW_TRACKING_URI) moves to MLFLOW_TRACKING_USERNAME/PASSWORD, where "
+        "MLflow reads them, so that no log, param or file shows them; another URI with credentials is refused."))
+    experiment: str = Field("pubmedqa-ko-lora", description=(
+        "MLflow experiment of the runs (a name without quotes, '/', ':', '\\' or control characters, not "
+        "starting with '.', at most 255 bytes)."))
+    model_name: str = Field("pubmedqa-ko-llama31-8b-lora", description=(
+        "Registered model the versions belong to (a name as `experiment`'s)."))
+    champion_alias: str = Field("champion", description=(
+        "Alias of the model in production (letters, digits, '_' and '-': MLflow's alias rule)."))
+    previous_alias: str = Field("previous_champion", description=(
+        "Alias the replaced champion keeps (for rollback; as `champion_alias`)."))
+    min_delta: float = Field(0.01, ge=0.0, le=1.0, description=(
         "Margin in loss per answer token (nats): promote only when the lower bound of the improvement's "
         "confidence interval exceeds it. 0.01 is a 1 % lower perplexity, above the ~0.004 by which two runs "
-        "differing only in seed differ (docs/pipeline.md#promotion)."))
+        "differing only in seed differ (docs/pipeline.md#promotion); at most 1, a 2.7 times lower perplexity."))
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description=(
         "Confidence of the paired bootstrap interval on the improvement."))
     bootstrap_resamples: int = Field(2000, ge=100, description="Resamples of the test rows in the paired bootstrap.")
-    bootstrap_seed: int = Field(0, description="Seed of the bootstrap's resampling (recorded with the decision).")
+    bootstrap_seed: int = Field(0, ge=0, le=2**32 - 1, description=(
+        "Seed of the bootstrap's resampling (recorded with the decision)."))
     guardrails: list[GuardrailConfig] = Field(
         default_factory=lambda: [GuardrailConfig(metric="decision_accuracy", margin=0.02),
                                  GuardrailConfig(metric="degenerate_answers", margin=0.0)],
@@ -324,6 +350,31 @@ class RegistryConfig(_Strict):
         "one (an 8B model's 16 GB) is referenced by its path, which the serving machine must have."))
     artifact_location: str | None = Field(None, description=(
         "Artifact root of experiments created in a local (sqlite/file) store; an MLflow server proxies its own."))
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        return None if uri is None else move_credentials(uri, refuse_others=True)
+
+    @field_validator("experiment", "model_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # Quoted in MLflow's filter strings, a part of `models:/<name>/<version>` URIs, a folder of a
+        # file store: each breaks on some character, late (at register) and for every later run.
+        bad = UNSAFE_IN_NAME.search(value)
+        if bad or not value.strip() or value.startswith(".") or len(value.encode()) > 255:
+            raise ValueError(f"{value[:60]!r} cannot name an MLflow experiment or model: it must be non-empty, at "
+                             "most 255 bytes, not start with '.', and hold no quote, '/', ':', '\\' or control "
+                             "character" + (f" (found {bad.group()!r})" if bad else ""))
+        return value
+
+    @field_validator("champion_alias", "previous_alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"{value[:60]!r} is not an MLflow alias: letters, digits, '_' and '-', at most 255, "
+                             "neither 'latest' nor v<number> (MLflow reserves those)")
+        return value
 
 
 class DeployConfig(_Strict):
@@ -435,6 +486,58 @@ def resolve_path(path: str) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+# `name` or `org/name`, as the hub spells repository ids (huggingface_hub's validate_repo_id).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def local_path(value: str) -> Path | None:
+    """Where a dataset or base model setting reads from: a local path, resolved against the project
+    root (never the working directory), or None for a hub id. Refuses (ConfigError) a value that is
+    neither, and a hub id that the loaders would read from the working directory instead: `datasets`
+    and `transformers` try a local folder of that name first."""
+    path, parts = resolve_path(value), Path(value).parts
+    # A hub id has at most one '/' and no '..': anything else is a path (state/models/x may be built later).
+    if (path.exists() or value.startswith(("/", "~", ".")) or value.endswith(LOCAL_SUFFIXES) or ".." in parts
+            or len(parts) > 2):
+        return path
+    if not HUB_ID.fullmatch(value) or "--" in value:
+        raise ConfigError(f"{value!r} is neither an existing path under the project root nor a hub id "
+                          "(`name` or `org/name`: letters, digits, '-', '_' and '.')")
+    if Path(value).exists():
+        raise ConfigError(f"{value!r} is a hub id, but {Path(value).resolve()} in the working directory would be read "
+                          "in its place: run from the project root, or give the local path in full")
+    return None
+
+
+UNSAFE_IN_NAME = re.compile(r"['\"`\\/:]|[\x00-\x1f\x7f]")
+_USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # the `user:password@` of a URI (up to its last '@')
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it hidden: `http://***@host`."""
+    return _USERINFO.sub("***@", text)
+
+
+def move_credentials(uri: str, refuse_others: bool = False) -> str:
+    """An http(s) tracking URI without its `user:password@`, which go to MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, where MLflow's client reads them: MLflow prints its tracking URI ("View
+    run ... at: <uri>"), and the config's is logged as a param and frozen in the run folder. Any
+    other URI comes back as it is, or, with `refuse_others`, refused where it holds credentials (a
+    database URI needs them inside it)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    if parts.scheme not in ("http", "https"):
+        if refuse_others:
+            raise ValueError(f"{redact(uri)} holds credentials: set it as $MLFLOW_TRACKING_URI, not in a profile")
+        return uri
+    user, has_password, password = parts.netloc.rpartition("@")[0].partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if has_password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def profile_dirs() -> list[Path]:
     """$RETRAIN_PROFILES_DIR (a team's own profiles, searched first), then the shipped ones."""
     extra = os.environ.get("RETRAIN_PROFILES_DIR")
@@ -506,11 +609,6 @@ def load_config(profile: str | None = None, overrides: dict[str, Any] | None = N
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration (profile {name!r}): {problems}") from None
-
-
-def looks_local(value: str) -> bool:
-    """A path here, not a hub id (`org/name`)."""
-    return value.startswith((".", "/", "~")) or resolve_path(value).exists() or value.endswith(LOCAL_SUFFIXES)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -25,6 +25,10 @@ class TrainingFailed(RuntimeError):
     """The training process failed (crash, OOM, killed); its last output is in the message."""
 
 
+class TrainingDiverged(TrainingFailed):
+    """The training loss became NaN or infinite: the adapter would be garbage, so nothing is saved or registered."""
+
+
 class RegistryConflict(RuntimeError):
     """The registry is not in the state a decision was made for (an alias moved, an adapter changed)."""
 

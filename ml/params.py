@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ml.config import SECTIONS, PipelineConfig, available_profiles, load_config, looks_local, resolve_path
+from ml.config import SECTIONS, PipelineConfig, available_profiles, load_config, local_path, resolve_path
 from ml.errors import ConfigError
 
 # The form's fields: form name -> config field.
@@ -62,8 +62,8 @@ def config_from_params(params: dict[str, Any]) -> PipelineConfig:
     roots = [resolve_path(r).resolve() for r in cfg.form_roots]
     for param in ("dataset", "base_model"):
         value = params.get(param)
-        local = resolve_path(value).resolve() if value and looks_local(value) else None
-        if local is not None and not any(local.is_relative_to(root) for root in roots):
+        local = local_path(value) if value else None  # against the project root, whatever the working directory
+        if local is not None and not any(local.resolve().is_relative_to(root) for root in roots):
             raise ConfigError(f"{param} {value!r} is outside the folders the trigger form may read "
                               f"({', '.join(cfg.form_roots)}: form_roots)")
     return cfg

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ml.config import role
+from ml.config import redact, role
 
 HEADINGS = {"promote": "PROMOTED to @champion", "keep": "Kept out: the champion stays",
             "needs_review": "NEEDS REVIEW: nothing moved"}
@@ -28,8 +28,9 @@ def _cell(text: Any, limit: int = 220) -> str:
 
 
 def param_value(value: Any) -> str:
-    """A setting as MLflow holds it among a run's params (lists and mappings as JSON)."""
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """A setting as MLflow holds it among a run's params (lists and mappings as JSON), any URI's
+    credentials hidden."""
+    return redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
 
 
 def config_changes(this: Mapping[str, Any], champion: Mapping[str, str] | None) -> list[tuple[str, str, str]]:

@@ -35,7 +35,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from ml.config import PipelineConfig, RegistryConfig, resolve_path
+from ml.config import PipelineConfig, RegistryConfig, move_credentials, redact, resolve_path
 from ml.data import read_split
 from ml.errors import RegistryUnavailable
 from ml.identity import adapter_hash, code_commit, config_hash
@@ -59,8 +59,12 @@ ADAPTER_TAG = "adapter_sha256"  # of the adapter a training run wrote, and a ver
 
 def connect(reg: RegistryConfig) -> MlflowClient:
     """A client of the configured tracking server; the process's fluent MLflow calls use it too."""
-    if reg.tracking_uri:
-        mlflow.set_tracking_uri(reg.tracking_uri)
+    # MLflow prints the URI it uses ("View run ... at: <uri>"): one with `user:password@`
+    # ($MLFLOW_TRACKING_URI; the config's has none) goes on without, its credentials in the environment.
+    uri = reg.tracking_uri or mlflow.get_tracking_uri()
+    clean = move_credentials(uri)
+    if reg.tracking_uri or clean != uri:
+        mlflow.set_tracking_uri(clean)
     # MLflow's own defaults wait 120 s per request and retry 7 times with backoff: minutes per call
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(reg.request_timeout_s)))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.request_retries)
@@ -71,13 +75,13 @@ def check_writable(reg: RegistryConfig) -> MlflowClient:
     """Before any training: the tracking server answers and takes this user's writes (the run's
     experiment exists or is created, and gets a tag); returns the connected client. Fails naming
     the tracking URI."""
-    uri = mlflow.get_tracking_uri() if not reg.tracking_uri else reg.tracking_uri
     try:
         client = connect(reg)
         experiment_id = ensure_experiment(client, reg)
         client.set_experiment_tag(experiment_id, "pipeline.last_check", datetime.now(UTC).isoformat(timespec="seconds"))
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        uri = redact(mlflow.get_tracking_uri())
         raise RegistryUnavailable(
             f"MLflow at {uri} cannot be used by this run (nothing was trained): {first[:300]}. "
             "Check MLFLOW_TRACKING_URI, the server, and MLFLOW_TRACKING_USERNAME/PASSWORD") from exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from ml import speed
 from ml.backend import pick_backend
 from ml.config import PipelineConfig
 from ml.data import read_split
-from ml.errors import DataError
+from ml.errors import DataError, TrainingDiverged
 from ml.modeling import load_for_training
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
 from ml.runs import TrainFiles
@@ -103,6 +104,7 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
     meter = speed.SpeedMeter(counter)
     trainer.add_callback(meter)
     trainer.add_callback(MetricsFile(files.metrics))  # read live by the task that supervises
+    trainer.add_callback(FiniteLoss())  # after MetricsFile: the diverged record is still relayed
     trainer.remove_callback(PrinterCallback)  # the meter logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("backend %s: LoRA trains %s of %s parameters (%.3f%%)", backend, f"{trainable:,}", f"{total:,}",
@@ -147,6 +149,23 @@ class MetricsFile(TrainerCallback):  # type: ignore[misc]
         record = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, "time": time.time(), **record}) + "\n")
+
+
+class FiniteLoss(TrainerCallback):  # type: ignore[misc]
+    """Stops a training whose logged loss is NaN or infinite (a learning rate too high, say): its
+    weights are garbage from then on, and no checkpoint, adapter or version may come of it. Raised
+    at the log, before the step's checkpoint is saved."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        logs = logs or {}
+        for key in ("loss", "eval_loss"):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                now = float(logs.get("learning_rate", args.learning_rate))
+                raise TrainingDiverged(
+                    f"training diverged: {key} is {value} at step {state.global_step} of {state.max_steps} "
+                    f"(learning rate {now:g}; train.learning_rate {args.learning_rate:g}): nothing is saved or "
+                    "registered; lower train.learning_rate")
 
 
 def _dataset(rows: list[Encoded]) -> Dataset:

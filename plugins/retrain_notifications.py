@@ -32,6 +32,8 @@ from airflow.sdk import BaseNotifier, Connection
 from airflow.sdk.exceptions import AirflowNotFoundException
 from mlflow_links import MLFLOW_UI_URL
 
+from ml.config import redact
+
 log = logging.getLogger(__name__)
 
 SMTP_CONN_ID = "retrain_smtp"
@@ -59,7 +61,7 @@ def webhook_url(conn: Connection) -> str:
 def failure_message(context: Any) -> tuple[str, str]:
     ti, run_id = context["ti"], context["run_id"]
     error = context.get("exception")
-    why = f"{type(error).__name__}: {error}" if error else "(no exception recorded)"
+    why = redact(f"{type(error).__name__}: {error}") if error else "(no exception recorded)"  # a URI's password
     subject = f"{ti.dag_id}: task {ti.task_id} failed (run {run_id})"
     body = (f"Task {ti.task_id} of {ti.dag_id} failed on try {ti.try_number}, run {run_id}.\n"
             f"Why: {why[:2000]}\nLog: {ti.log_url}")

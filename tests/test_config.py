@@ -17,7 +17,7 @@ from ml.config import (
     read_profile,
     role,
 )
-from ml.errors import ConfigError
+from ml.errors import ConfigError, DataError
 from ml.params import PARAM_PATHS, config_from_params
 from ml.prompt import PromptFormat
 from ml.settings_reference import reference_markdown
@@ -195,6 +195,66 @@ def test_the_form_reads_local_paths_only_inside_its_roots(tmp_path: Path) -> Non
     for param, value in (("dataset", str(outside)), ("dataset", "data/../../etc/passwd.jsonl"),
                          ("base_model", "/etc"), ("dataset", str(project_root() / "ml" / "config.py"))):
         with pytest.raises(ConfigError, match=f"{param} .* is outside the folders the trigger form may read"):
+            config_from_params({"profile": "demo", param: value})
+
+
+def test_form_paths_resolve_against_the_project_root_from_any_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose image runs tasks in another working directory than the project root: a folder there,
+    reachable as `sub/../outside` or named like a hub id, is never read in place of the setting's."""
+    import shutil
+
+    from conftest import SAMPLE
+
+    from ml.config import project_root
+    from ml.sources import read_records
+
+    for decoy in ("sub", "outside", "org/data", "gpt2"):
+        (tmp_path / decoy).mkdir(parents=True)
+        shutil.copy(SAMPLE, tmp_path / decoy / "train.jsonl")  # 80 rows `datasets` would read as a folder
+    monkeypatch.chdir(tmp_path)
+    sample = "data/sample/pubmedqa_ko_sample.jsonl"
+    assert len(read_records(config_from_params({"profile": "demo", "dataset": sample}).data)) == 80  # the root's
+    for param in ("dataset", "base_model"):
+        with pytest.raises(ConfigError, match=f"{param} 'sub/../outside' is outside the folders the trigger form"):
+            config_from_params({"profile": "demo", param: "sub/../outside"})
+        for hub_id in ("org/data", "gpt2"):  # the loaders try a folder of that name in the working directory first
+            with pytest.raises(ConfigError, match=f"{hub_id!r} is a hub id, but {tmp_path / hub_id} in the working"):
+                config_from_params({"profile": "demo", param: hub_id})
+        for value in ("a/b/../../../outside", "not a hub id", "org/na--me", "org/x/"):
+            with pytest.raises(ConfigError, match="outside the folders|neither an existing path"):
+                config_from_params({"profile": "demo", param: value})
+    # from the CLI (not confined to the form's folders) the same path is the project root's, never the decoy
+    cli = load_config("demo", {"data.source": "sub/../outside"})
+    assert cli.data.is_local and cli.data.uri == (project_root() / "sub/../outside").as_uri()
+    with pytest.raises(DataError, match=f"dataset file not found: {project_root()}"):
+        read_records(cli.data)
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("registry.model_name", "it's-mine", "found \"'\""), ("registry.model_name", "team/model", "found '/'"),
+    ("registry.model_name", "m" * 300, "at most 255 bytes"), ("registry.model_name", "", "non-empty"),
+    ("registry.model_name", "..", "not start with '.'"), ("registry.experiment", 'say "hi"', "found '\"'"),
+    ("registry.experiment", "exp:1", "found ':'"), ("registry.champion_alias", "v2", "not an MLflow alias"),
+    ("registry.previous_alias", "previous champion", "not an MLflow alias"),
+    ("lora.r", 10**9, "less than or equal to 1024"), ("lora.alpha", 10**9, "less than or equal to 2048"),
+    ("registry.min_delta", 1e308, "less than or equal to 1"), ("train.learning_rate", 1e9, "less than or equal to 1"),
+    ("train.learning_rate", float("nan"), "finite number"), ("train.weight_decay", float("inf"), "finite number"),
+    ("train.seed", -1, "greater than or equal to 0")])
+def test_names_and_numbers_a_run_cannot_use_are_refused_before_any_work(setting: str, value: Any, message: str) -> None:
+    """Before: a quote in the model name broke every later register's filter string, '/' was refused at
+    register, a learning rate of 1e9 trained to NaN and the form took lora_r 1e9 and min_delta 1e308."""
+    with pytest.raises(ConfigError, match=f"{re.escape(setting)}: .*{message}"):
+        load_config("demo", {setting: value})
+
+
+def test_the_form_takes_the_bounds_of_its_numbers_from_the_config() -> None:
+    from ml.params import param_schemas
+
+    schemas = param_schemas()
+    assert [schemas[k]["maximum"] for k in ("lora_r", "lora_alpha", "min_delta", "learning_rate")] == [1024, 2048, 1, 1]
+    for param, value in (("lora_r", 10**9), ("lora_alpha", 4096), ("min_delta", 1e308), ("learning_rate", 1e9)):
+        with pytest.raises(ConfigError, match=f"{PARAM_PATHS[param]}: Input should be less than or equal"):
             config_from_params({"profile": "demo", param: value})
 
 

@@ -33,7 +33,8 @@ def test_run_keys_name_folders_one_to_one_and_are_read_back(tmp_path: Path) -> N
     ("", "non-empty"), ("it's", "found \"'\""), ('say "x"', "without quotes"), ("a\\b", "backslashes"),
     ("line\nbreak", "control characters"), ("k" * 300, "is too long: 300 characters"),
     ("é" * 100, "is too long: 600 characters")])
-def test_a_run_key_that_mlflow_or_the_file_system_cannot_take_is_refused(tmp_path: Path, key: str, message: str) -> None:
+def test_a_run_key_that_mlflow_or_the_file_system_cannot_take_is_refused(
+        tmp_path: Path, key: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         run_paths(load_config("e2e", {"output_dir": str(tmp_path)}), key)
     assert not any(tmp_path.iterdir())

@@ -157,6 +157,30 @@ def test_zero_learning_rate_leaves_the_model_unchanged(tiny_model: Path, tmp_pat
     assert with_adapter.loss == pytest.approx(base.loss, abs=1e-6)
 
 
+def test_a_training_whose_loss_turns_nan_fails_naming_the_step_and_registers_nothing(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """A divergence the config's bounds do not rule out (here a learning rate past them, set as only code
+    can): before, 1e9 trained to a NaN loss and registered a version."""
+    from mlflow import MlflowClient
+
+    from ml import pipeline
+    from ml.errors import TrainingFailed
+
+    cfg = load_config("e2e", {"output_dir": str(tmp_path), "registry.tracking_uri": f"sqlite:///{tmp_path / 'ml.db'}",
+                              "train.max_steps": 4, "train.warmup_steps": 0, "train.isolate": False})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e9})})  # past le=1
+    paths = run_paths(cfg, "diverged")
+    pipeline.load(cfg, paths)
+    pipeline.prepare(cfg, paths)
+    diverged = r"diverged: loss is nan at step \d of 4 \(learning rate \S+; train.learning_rate 1e\+09\)"
+    with pytest.raises(TrainingFailed, match=diverged):
+        pipeline.train(cfg, paths)
+    assert not (paths.train / "adapter").exists() and not paths.trained.result.exists()
+    client = MlflowClient(cfg.registry.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert run.info.status == "FAILED" and client.search_registered_models() == []
+
+
 def test_top_k_layers_scope() -> None:
     cfg = load_config("e2e", {"lora.top_k_layers": 7, "lora.train_lm_head": True})
     lc = lora_config(cfg, num_layers=32)
