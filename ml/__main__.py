@@ -23,13 +23,21 @@ import yaml
 
 from ml import configure_logging, pipeline
 from ml.config import PipelineConfig, available_profiles, load_config, parse_overrides, resolve_path
-from ml.errors import ConfigError, DataError, GateFailed, ModelLoadError, RegistryConflict, RegistryUnavailable
+from ml.errors import (
+    ConfigError,
+    DataError,
+    GateFailed,
+    ModelLoadError,
+    RegistryConflict,
+    RegistryUnavailable,
+    TrainingDiverged,
+)
 from ml.pipeline.local import run_all
 from ml.prompt import PromptFormat
 from ml.runs import RunPaths, run_paths
 from ml.settings_reference import reference_markdown
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # 1: the run failed (the gate, a diverged training)
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -220,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except GateFailed as exc:
         print(str(exc), file=sys.stderr)
+        return EXIT_GATE_FAILED
+    except TrainingDiverged as exc:  # the run failed, as at the gate: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_GATE_FAILED
 
 

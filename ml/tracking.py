@@ -301,7 +301,7 @@ def evidence_run(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, run
                              test_losses={"challenger (test)": decision.challenger_loss,
                                           f"{decision.baseline} (test)": decision.baseline_loss})
             mlflow.log_artifact(str(png), "reports")
-        for report in sorted(paths.reports.glob("*")):
+        for report in sorted(p for p in paths.reports.glob("*") if p.suffix != ".part"):  # half-written: not a report
             mlflow.log_artifact(str(report), "reports")
         if samples:
             mlflow.log_table(pd.DataFrame(samples), artifact_file="reports/sample_generations.json")
