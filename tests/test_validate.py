@@ -110,6 +110,26 @@ def test_language_tolerates_a_few_rows(rows: list[dict[str, Any]], cfg: Pipeline
     assert _gate(rows, cfg, tokenizer).success
 
 
+def test_the_script_share_counts_letters_as_its_regexes_define_them() -> None:
+    """The language check counts letters by a table lookup per character: the counts of deleting runs of
+    non-letters (or of other scripts) with `re`, on random texts of Hangul, Jamo, Latin, ASCII, surrogates
+    and any code point."""
+    import random
+    import re
+
+    from ml.expectations import NOT_LETTER, SCRIPTS, _not_in, letter_counts
+
+    rng = random.Random(0)
+    pools = [range(0xAC00, 0xD7A4), range(0x1100, 0x1200), range(0x3130, 0x3190), range(0x20, 0x7F),
+             range(0xC0, 0x250), range(0xD800, 0xE000), range(0x110000)]
+    texts = ["", "2019-2021년 1,234명", *("".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randrange(60)))
+                                        for _ in range(2000))]
+    for script in SCRIPTS:
+        for text in texts:
+            expected = len(re.sub(NOT_LETTER, "", text)), len(re.sub(_not_in(script), "", text))
+            assert letter_counts(text, script) == expected, ascii(text)
+
+
 def test_privacy_phone_email_and_resident_number(rows: list[dict[str, Any]], cfg: PipelineConfig,
                                                  tokenizer: Any) -> None:
     rows[5]["CONTEXTS"] = [*rows[5]["CONTEXTS"], "환자 연락처는 010-1234-5678 이었다."]
@@ -240,6 +260,85 @@ def _strings(obj: Any) -> list[str]:
         return [obj]
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
     return [s for v in values for s in _strings(v)]
+
+
+def test_chunks_give_the_verdicts_counts_and_rows_of_one_pass(rows: list[dict[str, Any]], cfg: PipelineConfig,
+                                                             tokenizer: Any) -> None:
+    """The gate validates `chunk_rows` rows per GX batch, so that its memory stays bounded; merged, the
+    chunks' results are those of GX's one pass over every row. Three chunks of 30 rows here: bad rows in
+    the second and third, duplicates and a leak across chunks, shares that one chunk fails but all rows pass."""
+    import great_expectations as gx
+
+    from ml.validate import RESULT_FORMAT, build_frame, build_suite, masked
+
+    train = _in_split(rows, cfg, "train")
+    a, b = [i for i in train if 5 <= i < 30][:2]
+    c = next(i for i in reversed(train) if i >= 60)
+    rows[45]["LONG_ANSWER"] = "   "  # blank, in the second chunk
+    rows[c]["QUESTION"] = rows[a]["QUESTION"]  # a duplicate question in the third chunk of one in the first
+    rows[62]["key"] = rows[1]["key"]
+    rows[75]["CONTEXTS"] = [*rows[75]["CONTEXTS"], "환자 연락처는 010-1234-5678 이었다."]
+    for r in rows[30:33]:  # mojibake: 10% of the second chunk, 3.75% of all rows (script_mostly allows 5%)
+        r["QUESTION"] = r["QUESTION"].encode("utf-8").decode("latin-1")
+    for r in rows[:4]:  # past max_seq_length: 13% of the first chunk, 5% of all rows (max_truncated_share 10%)
+        r["CONTEXTS"] = r["CONTEXTS"] * 8
+    key = next(f"leak-{i}" for i in range(1000)
+               if assign_split(f"leak-{i}", cfg.data.val_fraction, cfg.data.test_fraction) == "test")
+    rows.append({**rows[b], "key": key, "QUESTION": " ".join(reversed(rows[b]["QUESTION"].rstrip("?").split())) + "?"})
+
+    chunked = gate(rows, cfg, tokenizer, chunk_rows=30)
+    one_pass = (gx.get_context(mode="ephemeral").data_sources.add_pandas("retrain").add_dataframe_asset("records")
+                .add_batch_definition_whole_dataframe("all")
+                .get_batch(batch_parameters={"dataframe": build_frame(rows, cfg, tokenizer)})
+                .validate(build_suite(cfg, with_fit=True), result_format=RESULT_FORMAT))
+    assert chunked.gx_result["meta"]["chunks"] == 3
+    assert chunked.gx_result["results"] == masked(one_pass.to_json_dict())["results"]
+    assert chunked.failed_families == {"content", "uniqueness", "privacy", "splits"}, chunked.summary()
+    failed = {c.column: c.examples for c in chunked.failures}
+    assert failed["LONG_ANSWER__text"] == [rows[45]["key"]] and failed["CONTEXTS__text"] == [rows[75]["key"]]
+    assert failed["QUESTION__normalized"] == [rows[a]["key"], rows[c]["key"]]
+    assert failed["key"] == [rows[1]["key"]] * 2 and failed["test_question_in_train"] == [key]
+    whole = gate(rows, cfg, tokenizer)  # the default chunk holds every row
+    assert (chunked.summary(), chunked.truncated_share) == (whole.summary(), whole.truncated_share)
+    # 11 chunks, each uniqueness check in two batches of rows (equal values in one): examples come batch by batch
+    small = gate(rows, cfg, tokenizer, chunk_rows=8)
+    assert small.gx_result["meta"]["chunks"] == 11
+    assert ([(c.expectation, c.column, c.success, c.message, sorted(c.examples)) for c in small.checks]
+            == [(c.expectation, c.column, c.success, c.message, sorted(c.examples)) for c in chunked.checks])
+
+
+def test_the_gates_memory_does_not_grow_with_rows_beyond_a_chunk(clean: list[dict[str, Any]], cfg: PipelineConfig,
+                                                                 tokenizer: Any) -> None:
+    """Peak memory (Python's allocations) of the gate on four chunks of rows is that of two: one frame of
+    every row grew ~26 KB a row (issue 29). Seconds and resident memory on 100k and 1M rows: docs/benchmarks.md."""
+    import tracemalloc
+
+    def rows(n: int) -> list[dict[str, Any]]:  # long contexts: the rows outweigh GX's own allocations
+        return [{**r, "key": f"{r['key']}-{i}", "QUESTION": f"{r['QUESTION'][:-1]} ({i})?",
+                 "CONTEXTS": r["CONTEXTS"] * 40} for i, r in enumerate(clean[i % len(clean)] for i in range(n))]
+
+    def peak(records: list[dict[str, Any]]) -> int:
+        tracemalloc.start()
+        try:
+            gate(records, cfg, tokenizer, chunk_rows=25)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    two, four = peak(rows(50)), peak(rows(100))
+    assert four < 1.3 * two, f"{two / 2**20:.1f} MiB for 2 chunks, {four / 2**20:.1f} MiB for 4"
+
+
+def test_the_fit_check_tokenises_a_random_sample_of_many_rows(rows: list[dict[str, Any]], cfg: PipelineConfig,
+                                                              tokenizer: Any) -> None:
+    for r in rows[:20]:  # 25% of the rows past max_seq_length
+        r["CONTEXTS"] = r["CONTEXTS"] * 8
+    report = gate(rows, cfg, tokenizer, fit_sample_rows=40)
+    assert report.fit_sample == 40 and "(a random sample of 40 rows tokenised)" in report.summary()
+    (fit,) = [c for c in report.checks if c.family == "fit"]
+    assert not fit.success and fit.message.endswith("(a random sample of 40 rows tokenised)")
+    assert report.truncated_share is not None and 0.1 < report.truncated_share < 0.45
+    assert gate(rows, cfg, tokenizer).truncated_share == 0.25  # every row
 
 
 def test_the_snapshot_keeps_a_wrong_type_wrong_for_the_gate(
