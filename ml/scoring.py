@@ -24,6 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transformers import AutoTokenizer
+
 from ml.config import PipelineConfig
 from ml.data import read_split
 from ml.evaluate import ENDS_WITHIN, LossResult, degenerate, evaluate_model, generate, sample_rows
@@ -87,6 +89,12 @@ def score(cfg: PipelineConfig, paths: RunPaths, model: Model, tokenizer: Tokeniz
         if shares_base and champ.base_identity and champ.base_identity != identity["base_identity"]:
             review = (f"the base model {m.base_model} is now {identity['base_identity']}, not the "
                       f"{champ.base_identity} that {baseline_name} was trained on: it cannot be scored as it was")
+        # A champion that ships its own copy of the base: the same weights and tokenizer as this one
+        # make it this model with the champion's adapter too (a second model would be loaded plainly,
+        # which a process that Unsloth patched cannot generate from).
+        shares_base = shares_base or (champ.base_path is not None and champ.base_identity == identity["base_identity"]
+                                      and tokenizer_fingerprint(AutoTokenizer.from_pretrained(champ.base_path))
+                                      == identity["tokenizer"])
         if shares_base:  # same base weights: the champion's adapter on this model, not a second model
             use_adapter(model, Path(champ.adapter_dir))
             champ_model, champ_tok = model, tokenizer
