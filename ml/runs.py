@@ -19,7 +19,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 from ml.config import PipelineConfig, resolve_path
 from ml.errors import ConfigError
@@ -69,7 +68,7 @@ class RunPaths:
     @property
     def key(self) -> str:
         """The run key this folder was named after (`run_folder_name`)."""
-        return unquote(self.root.name)
+        return run_key_of(self.root.name)
 
     @property
     def config(self) -> Path:
@@ -184,23 +183,34 @@ MAX_FOLDER_NAME = 255  # bytes: the longest file name of ext4, xfs and most othe
 UNSAFE_IN_KEY = re.compile(r"['\"`\\]|[\x00-\x1f\x7f]")  # break MLflow's filter strings, or unprintable
 
 
+SAFE_IN_FOLDER = re.compile(r"[A-Za-z0-9_.-]")
+_ESCAPED = re.compile(rb"=([0-9A-F]{2})")
+
+
 def run_folder_name(run_key: str) -> str:
-    """The run key as a folder name, one to one: letters, digits, '_', '-', '.' and '~' stay, anything
-    else is percent-encoded ('%' too), so no two keys share a folder (`col a`, `col_a`; Airflow run
-    ids that differ only in ':' or '+'), and the key is read back from the name (`RunPaths.key`).
-    Refuses a key that MLflow's filter strings cannot quote or a file system cannot name."""
+    """The run key as a folder name, one to one: letters, digits, '_', '-' and '.' stay, any other
+    character becomes '=' and the hex of its UTF-8 bytes ('=' too), so no two keys share a folder
+    (`col a`, `col_a`; Airflow run ids that differ only in ':', '+' or '~') and the key is read back
+    from the name (`RunPaths.key`). Not '%': MLflow reads a local artifact path as a URI and would
+    decode it. Refuses a key that MLflow's filter strings cannot quote or a file system cannot name."""
     bad = UNSAFE_IN_KEY.search(run_key)
     if not run_key or bad:
         raise ConfigError(f"run key {run_key!r} cannot name a run: it must be non-empty, without quotes, "
                           "backslashes or control characters" + (f" (found {bad.group()!r})" if bad else ""))
-    name = quote(run_key, safe="")
+    name = "".join(ch if SAFE_IN_FOLDER.fullmatch(ch) else "".join(f"={b:02X}" for b in ch.encode())
+                   for ch in run_key)
     if name.startswith("."):  # "." and ".." are not folders of their own, ".x" would hide
-        name = "%2E" + name[1:]
+        name = "=2E" + name[1:]
     if len(name.encode()) > MAX_FOLDER_NAME:
         raise ConfigError(f"run key {run_key[:40]!r}... is too long: {len(name)} characters as a folder name, "
-                          f"at most {MAX_FOLDER_NAME} (each character other than letters, digits, '_', '-', '.', '~' "
+                          f"at most {MAX_FOLDER_NAME} (each character other than letters, digits, '_', '-' and '.' "
                           "counts three)")
     return name
+
+
+def run_key_of(folder_name: str) -> str:
+    """The run key a folder was named after (`run_folder_name` undone)."""
+    return _ESCAPED.sub(lambda m: bytes([int(m.group(1), 16)]), folder_name.encode()).decode()
 
 
 def run_paths(cfg: PipelineConfig, run_key: str) -> RunPaths:

@@ -311,7 +311,8 @@ def test_mlflow_down_as_training_ends_keeps_the_training_and_the_retry_trains_no
     cfg = load_config("e2e", {"output_dir": str(tmp_path / "runs"), "registry.tracking_uri": server.url,
                               "registry.request_retries": 0, "registry.request_timeout_s": 5,
                               "registry.model_name": "faults-train-outage", "train.max_steps": 10})
-    paths = run_paths(cfg, "train-outage")
+    key = "outage__2026-12-06T19:30:00+00:00"  # an Airflow run id: its folder escapes ":" and "+"
+    paths = run_paths(cfg, key)
     cfg = pipeline.freeze(cfg, paths, first=True)
     pipeline.load(cfg, paths)
     pipeline.prepare(cfg, paths)
@@ -325,7 +326,7 @@ def test_mlflow_down_as_training_ends_keeps_the_training_and_the_retry_trains_no
         assert paths.trained.metrics.read_bytes() == curve and adapter_hash(paths.trained.adapter) == adapter
 
         pipeline.evaluate(cfg, paths)
-        registered = pipeline.register(cfg, paths, "train-outage")
+        registered = pipeline.register(cfg, paths, key)
         client = MlflowClient(server.url)
         version = client.get_model_version("faults-train-outage", registered["version"])
         assert version.tags["adapter_sha256"] == adapter
@@ -333,7 +334,7 @@ def test_mlflow_down_as_training_ends_keeps_the_training_and_the_retry_trains_no
         assert run.info.status == "FINISHED" and "train.max_steps" in run.data.params
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 11))
         runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id],
-                                  "tags.`pipeline.run_key` = 'train-outage'")
+                                  f"tags.`pipeline.run_key` = '{key}'")
         assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the training run, closed by register
     finally:
         server.stop()
