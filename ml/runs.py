@@ -181,8 +181,6 @@ def read_champion(folder: Path) -> tuple[bool, Champion | None]:
 
 MAX_FOLDER_NAME = 255  # bytes: the longest file name of ext4, xfs and most others
 UNSAFE_IN_KEY = re.compile(r"['\"`\\]|[\x00-\x1f\x7f]")  # break MLflow's filter strings, or unprintable
-
-
 SAFE_IN_FOLDER = re.compile(r"[A-Za-z0-9_.-]")
 _ESCAPED = re.compile(rb"=([0-9A-F]{2})")
 
@@ -203,8 +201,8 @@ def run_folder_name(run_key: str) -> str:
         name = "=2E" + name[1:]
     if len(name.encode()) > MAX_FOLDER_NAME:
         raise ConfigError(f"run key {run_key[:40]!r}... is too long: {len(name)} characters as a folder name, "
-                          f"at most {MAX_FOLDER_NAME} (each character other than letters, digits, '_', '-' and '.' "
-                          "counts three)")
+                          f"at most {MAX_FOLDER_NAME} (a character other than letters, digits, '_', '-' and '.' "
+                          "counts three per UTF-8 byte)")
     return name
 
 

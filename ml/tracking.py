@@ -80,10 +80,9 @@ def check_writable(reg: RegistryConfig) -> MlflowClient:
         experiment_id = ensure_experiment(client, reg)
         client.set_experiment_tag(experiment_id, "pipeline.last_check", datetime.now(UTC).isoformat(timespec="seconds"))
     except (MlflowException, OSError) as exc:
-        first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         uri = redact(mlflow.get_tracking_uri())
         raise RegistryUnavailable(
-            f"MLflow at {uri} cannot be used by this run (nothing was trained): {first[:300]}. "
+            f"MLflow at {uri} cannot be used by this run (nothing was trained): {redact(_first_line(exc))}. "
             "Check MLFLOW_TRACKING_URI, the server, and MLFLOW_TRACKING_USERNAME/PASSWORD") from exc
     return client
 

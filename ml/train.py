@@ -35,7 +35,7 @@ from ml.data import read_split
 from ml.errors import DataError, TrainingDiverged
 from ml.modeling import load_for_training
 from ml.prompt import IGNORE_INDEX, Encoded, PromptFormat, encode_all
-from ml.runs import TrainFiles
+from ml.runs import TrainFiles, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel as Model
@@ -126,7 +126,7 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         time.perf_counter() - t0, len(train_rows), truncated, str(files.history),
         int(resume.name.rsplit("-", 1)[1]) if resume else None, meter.tokens_per_s(), meter.step_s(),
         speed.peak_gpu_gib())
-    files.result.write_text(json.dumps(asdict(result), indent=2))
+    write_json(files.result, asdict(result))  # whole or not at all: a retry reads it (finished_training)
     shutil.rmtree(files.checkpoints, ignore_errors=True)  # the adapter is written: no retry needs them
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,
              result.runtime_s, result.train_loss, result.eval_loss)
