@@ -15,7 +15,9 @@ train task's retries and its time cap are the default profile's `deploy` setting
 ($RETRAIN_PROFILE), read when this file is parsed: a run's own profile cannot change them.
 
 Trigger with parameters from the UI ("Trigger DAG" shows a form): an empty
-field keeps the profile's value.
+field keeps the profile's value (each field's description lists it per profile); a value the config
+refuses is refused by the form, and what its schema cannot say (a path outside `form_roots`) fails
+the first task with one line.
 
 Paused when created (Airflow's default). Unpausing starts nothing at once: the first
 scheduled run is the next time of the profile's schedule (`@weekly`: Sunday 00:00 UTC);
@@ -52,7 +54,7 @@ from retrain_notifications import RetrainNotifier  # plugins/: who is told, thro
 # Only light modules at parse time; each step imports the ML stack it runs.
 from ml import pipeline
 from ml.config import DEFAULT_PROFILE, available_profiles, load_config
-from ml.errors import GateFailed
+from ml.errors import ConfigError, GateFailed
 from ml.params import config_from_params, field_schema, param_schemas
 from ml.runs import run_paths
 
@@ -95,7 +97,10 @@ def _run(first: bool = False) -> tuple[Any, Any, str]:
     """This run's typed config, run folder and key: the first task freezes the config built from the
     Params in the run folder; every later task reads that copy (a profile edited mid-run changes nothing)."""
     ctx = get_current_context()
-    cfg = config_from_params(dict(ctx["params"]))
+    try:
+        cfg = config_from_params(dict(ctx["params"]))
+    except ConfigError as exc:  # what the form's schema cannot say (a path outside form_roots): one line
+        raise AirflowFailException(str(exc)) from None
     run_key = f"{DAG_ID}__{ctx['run_id']}"
     paths = run_paths(cfg, run_key)
     return pipeline.freeze(cfg, paths, first), paths, run_key

@@ -180,11 +180,12 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps (ignored when warmup_ratio > 0).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Warm-up as a share of all steps (0: use warmup_steps)."))
-    max_steps: int = Field(60, ge=-1, le=1_000_000, description=(
+    max_steps: int = Field(60, ge=-1, le=1_000_000, json_schema_extra={"not": {"const": 0}}, description=(
         "Optimizer steps (-1: train for num_train_epochs; 0 is refused: it would register an untrained adapter)."))
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Epochs, used when max_steps is -1.")
-    learning_rate: float = Field(2e-4, ge=0.0, le=1.0, description=(
-        "Peak learning rate (at most 1). A training whose loss becomes NaN or infinite fails, naming the step."))
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description=(
+        "Peak learning rate (above 0, at most 1: a rate of 0 trains nothing). A training whose loss becomes "
+        "NaN or infinite fails, naming the step."))
     lr_scheduler_type: str = Field("linear", description="transformers' learning-rate schedule after warm-up.")
     optim: str = Field("adamw_8bit", description=(
         "transformers' optimizer name; an 8-bit one becomes adamw_torch without CUDA."))

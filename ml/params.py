@@ -23,7 +23,11 @@ PARAM_PATHS: dict[str, str] = {
     "min_delta": "registry.min_delta",
     "approval": "registry.approval",
 }
-_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "description")
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "not", "enum", "description")
+# Airflow's number field clamps a typed value into the schema's top-level minimum/maximum when it loses
+# focus, without a word (-1 became 0): the bounds go one level down, where the server still refuses
+# them on trigger (the form shows the refusal) and the field leaves the value as typed.
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "not")
 
 
 def field_schema(dotted: str) -> dict[str, Any]:
@@ -38,14 +42,34 @@ def field_schema(dotted: str) -> dict[str, Any]:
 
 def param_schemas() -> dict[str, dict[str, Any]]:
     """Each form field's JSON schema from its config field. Nullable, because an empty field keeps
-    the profile's value; the bounds apply to a value that is given."""
+    the profile's value; the bounds apply to a value that is given. The description ends with the
+    value an empty field runs, per profile."""
     out = {}
+    profiles = {name: load_config(name) for name in available_profiles()}
     for param, dotted in PARAM_PATHS.items():
         schema = field_schema(dotted)
-        out[param] = {**schema, "type": ["null", schema["type"]]}
+        bounds = {k: schema.pop(k) for k in _BOUNDS if k in schema}
+        out[param] = {**schema, "type": ["null", schema["type"]],
+                      "description": f"{schema['description']} {_empty_runs(dotted, profiles)}"}
+        if bounds:
+            out[param]["allOf"] = [bounds]
         if "enum" in schema:  # an empty field is a choice too
             out[param]["enum"] = [None, *schema["enum"]]
     return out
+
+
+def _empty_runs(dotted: str, profiles: dict[str, PipelineConfig]) -> str:
+    """'Empty: the profile's value (demo `30` · ...)': what a field left empty trains with."""
+    values = {name: config_value(cfg, dotted) for name, cfg in profiles.items()}
+    if len({repr(v) for v in values.values()}) == 1:
+        return f"Empty: the profile's value, `{next(iter(values.values()))}` in every profile."
+    return "Empty: the profile's value (" + " · ".join(f"{n} `{v}`" for n, v in values.items()) + ")."
+
+
+def config_value(cfg: PipelineConfig, dotted: str) -> Any:
+    """The value of `section.field` in a config."""
+    section, _, name = dotted.partition(".")
+    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:

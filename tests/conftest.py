@@ -44,7 +44,7 @@ os.environ.update({
     "RETRAIN_PROFILE": "e2e",
 })
 # A run's profile for the tests: the demo's, with every path in the session's temp folder
-# and fewer steps. "e2e-lr0" trains nothing (learning rate 0): a challenger that cannot win.
+# and fewer steps. "e2e-tiny-lr" barely trains (learning rate 1e-9; 0 is refused): a challenger that cannot win.
 PROFILES.mkdir(parents=True)
 (PROFILES / "e2e.yaml").write_text(f"""\
 extends: demo
@@ -61,7 +61,7 @@ registry:
   model_name: e2e-tiny-lora
   artifact_location: {_SESSION_DIR / 'mlartifacts'}
 """)
-(PROFILES / "e2e-lr0.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 0.0\n")
+(PROFILES / "e2e-tiny-lr.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 1.0e-9\n")
 # For a scheduler that runs for real: only the runs a test triggers.
 (PROFILES / "e2e-manual.yaml").write_text("extends: e2e\ndeploy:\n  schedule: null\n")
 

@@ -252,7 +252,8 @@ def test_the_form_takes_the_bounds_of_its_numbers_from_the_config() -> None:
     from ml.params import param_schemas
 
     schemas = param_schemas()
-    assert [schemas[k]["maximum"] for k in ("lora_r", "lora_alpha", "min_delta", "learning_rate")] == [1024, 2048, 1, 1]
+    assert [schemas[k]["allOf"][0]["maximum"] for k in ("lora_r", "lora_alpha", "min_delta", "learning_rate")] == \
+        [1024, 2048, 1, 1]
     for param, value in (("lora_r", 10**9), ("lora_alpha", 4096), ("min_delta", 1e308), ("learning_rate", 1e9)):
         with pytest.raises(ConfigError, match=f"{PARAM_PATHS[param]}: Input should be less than or equal"):
             config_from_params({"profile": "demo", param: value})

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, imports_of
 
 from ml.config import available_profiles
-from ml.params import PARAM_PATHS, field_schema
+from ml.errors import ConfigError
+from ml.params import PARAM_PATHS, config_from_params, field_schema
 
 
 @pytest.fixture()
@@ -66,11 +67,57 @@ def test_params_descriptions_and_bounds_come_from_the_config_fields(dag: Any) ->
     from ml.config import TrainConfig
 
     lr, r = dag.params.get_param("learning_rate"), dag.params.get_param("lora_r")
-    assert lr.schema["description_md"] == TrainConfig.model_fields["learning_rate"].description
-    assert lr.schema["minimum"] == 0  # the field's ge=0: learning rate 0 is a valid (no-op) run
-    assert r.schema["exclusiveMinimum"] == 0 and dag.params.get_param("max_steps").schema["minimum"] == -1
+    assert lr.schema["description_md"].startswith(TrainConfig.model_fields["learning_rate"].description)
+    assert lr.schema["allOf"] == [{"exclusiveMinimum": 0, "maximum": 1}]  # a rate of 0 trains nothing
+    assert r.schema["allOf"][0]["exclusiveMinimum"] == 0
+    assert dag.params.get_param("max_steps").schema["allOf"] == [{"minimum": -1, "maximum": 1_000_000,
+                                                                   "not": {"const": 0}}]
     for name, dotted in PARAM_PATHS.items():
-        assert dag.params.get_param(name).schema["description_md"] == field_schema(dotted)["description"], name
+        schema = dag.params.get_param(name).schema
+        assert schema["description_md"].startswith(field_schema(dotted)["description"]), name
+        # Airflow's number field clamps into a top-level minimum/maximum silently (-1 became 0)
+        assert not {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & set(schema), name
+
+
+def test_empty_fields_say_which_value_each_profile_runs(dag: Any) -> None:
+    from ml.config import load_config
+
+    steps = dag.params.get_param("max_steps").schema["description_md"]
+    assert f"demo `{load_config('demo').train.max_steps}`" in steps
+    assert f"pubmedqa-ko-llama31-8b `{load_config('pubmedqa-ko-llama31-8b').train.max_steps}`" in steps
+    rank = dag.params.get_param("lora_r").schema["description_md"]
+    assert "Empty: the profile's value, `16` in every profile." in rank
+
+
+REFUSED = [("learning_rate", -1), ("learning_rate", 0), ("learning_rate", 5), ("learning_rate", "abc"),
+           ("max_steps", 0), ("max_steps", -2), ("max_steps", 1.5), ("max_steps", "abc"), ("max_steps", 2_000_000),
+           ("num_train_epochs", 0), ("lora_r", 0), ("lora_r", 2.5), ("lora_r", 4096), ("lora_alpha", -16),
+           ("min_delta", -0.1), ("min_delta", 2), ("approval", "maybe")]
+
+
+@pytest.mark.parametrize(("param", "value"), REFUSED)
+def test_the_form_refuses_what_the_config_refuses(dag: Any, param: str, value: Any) -> None:
+    """The schema the UI's form is rendered from, as the API server reads it back (serialized), refuses
+    the value on trigger, naming the field; the config refuses the same value."""
+    from airflow.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}:"):
+        served.params.deep_merge({"profile": "demo", param: value}).validate()
+    with pytest.raises(ConfigError, match=PARAM_PATHS[param]):
+        config_from_params({"profile": "demo", param: value})
+
+
+@pytest.mark.parametrize(("param", "value"), [("learning_rate", 1e-9), ("learning_rate", 1), ("max_steps", -1),
+                                              ("max_steps", 1), ("lora_r", 1024), ("min_delta", 0),
+                                              ("approval", None), ("max_steps", None)])
+def test_the_form_takes_every_value_the_config_takes(dag: Any, param: str, value: Any) -> None:
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert served.params.deep_merge({"profile": "demo", param: value}).validate()[param] == value
+    config_from_params({"profile": "demo", param: value})
 
 
 def test_tasks_are_thin_and_import_nothing_heavy_at_parse_time() -> None:
@@ -104,3 +151,18 @@ def test_every_task_and_the_run_are_time_bounded(dag: Any) -> None:
     registry_tasks = ("register", "promote_champion", "keep_champion")
     assert all(dag.get_task(t).retries >= 2 and dag.get_task(t).retry_exponential_backoff for t in registry_tasks)
     assert all(dag.get_task(t).pool == "mlflow_registry" for t in registry_tasks)
+
+
+def test_what_the_form_cannot_say_fails_the_first_task_with_one_line(dag: Any, capfd: Any, caplog: Any) -> None:
+    """A path outside `form_roots` passes the schema (a string): `load` refuses it with the config's one
+    line, as a failure of its own (no retry), whose only traceback is Airflow's task runner: no frame of
+    ml/ or pydantic; nothing after it runs."""
+    run = dag.test(run_conf={"profile": "e2e", "dataset": "/etc/hostname"})
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "failed" and states["load"] == "failed"
+    assert all(state in ("upstream_failed", "skipped") for task, state in states.items() if task != "load"), states
+    why = "AirflowFailException: dataset '/etc/hostname' is outside the folders the trigger form may read"
+    assert f"Why: {why}" in caplog.text  # the failure notification: one line
+    out = capfd.readouterr()
+    trace = (out.out + out.err).split("Task failed with exception", 1)[1].split("::group::Post Execute", 1)[0]
+    assert why in trace and "/ml/" not in trace and "pydantic" not in trace, trace

@@ -210,7 +210,7 @@ def test_better_challenger_takes_the_alias_and_keeps_the_previous(retrain_dag: A
 
 def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, client: Any, inbox: Inbox) -> None:
     told = len(inbox.mails), len(inbox.posts)
-    dag_run = _run(retrain_dag, profile="e2e-lr0")
+    dag_run = _run(retrain_dag, profile="e2e-tiny-lr")
     assert dag_run.state == "success"
     (mail,), (post,) = inbox.since(*told)
     for text in (mail, post):
@@ -249,7 +249,7 @@ def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:
     from ml.runs import run_paths
 
     run_key = client.get_run(_versions(client)["3"].run_id).data.tags["pipeline.run_key"]
-    cfg = load_config("e2e-lr0")
+    cfg = load_config("e2e-tiny-lr")
     with pytest.raises(RuntimeError, match="version 3 was not chosen for promotion"):
         pipeline.promote(cfg, run_paths(cfg, run_key))
     assert _alias(client, "champion") == "2" and _versions(client)["3"].tags["decision"] == "rejected"

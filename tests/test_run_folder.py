@@ -51,14 +51,14 @@ def test_a_reused_run_key_with_other_settings_or_data_is_refused_never_mixed(tmp
     assert pipeline.freeze(cfg, paths, first=True) == cfg
     pipeline.load(cfg, paths)
 
-    lr0 = load_config("e2e", {"output_dir": str(tmp_path / "runs"), "data.source": str(source),
-                              "train.learning_rate": 0.0, "train.max_steps": 7})
+    other = load_config("e2e", {"output_dir": str(tmp_path / "runs"), "data.source": str(source),
+                              "train.learning_rate": 1e-9, "train.max_steps": 7})
     with pytest.raises(ConfigError, match=r"run key 'reused' already holds a run with other settings "
-                                          r"\(train.max_steps 30 -> 7, train.learning_rate 0.005 -> 0.0\)"):
-        pipeline.freeze(lr0, paths, first=True)
+                                          r"\(train.max_steps 30 -> 7, train.learning_rate 0.005 -> 1e-09\)"):
+        pipeline.freeze(other, paths, first=True)
     assert read_json(paths.config)["train"]["learning_rate"] == cfg.train.learning_rate
     # a later step of the run reads its frozen copy, whatever the profile says by then
-    assert pipeline.freeze(lr0, paths).train.learning_rate == cfg.train.learning_rate
+    assert pipeline.freeze(other, paths).train.learning_rate == cfg.train.learning_rate
 
     rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
     rows[0]["LONG_ANSWER"] += " Edited."

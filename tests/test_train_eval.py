@@ -146,8 +146,9 @@ def test_token_loss_matches_the_models_own_loss_and_ignores_padding(trained: Any
     assert batched.tokens == sum(n for _, n in singles)
 
 
-def test_zero_learning_rate_leaves_the_model_unchanged(tiny_model: Path, tmp_path: Path) -> None:
-    cfg, paths, _ = _trained(tmp_path, **{"train.learning_rate": 0.0, "train.max_steps": 3})
+def test_a_negligible_learning_rate_leaves_the_model_unchanged(tiny_model: Path, tmp_path: Path) -> None:
+    # 1e-9: the smallest honest "no training" (0 is refused by the config: it would register a no-op)
+    cfg, paths, _ = _trained(tmp_path, **{"train.learning_rate": 1e-9, "train.max_steps": 3})
     test = read_split(paths.splits, "test")
     model, tok = load_with_adapter(cfg.model, paths.train / "adapter")
     args = (PromptFormat.from_config(cfg), 4)
