@@ -19,9 +19,11 @@ field keeps the profile's value (each field's description lists it per profile);
 refuses is refused by the form, and what its schema cannot say (a path outside `form_roots`) fails
 the first task with one line.
 
-Paused when created (Airflow's default). Unpausing starts nothing at once: the first
-scheduled run is the next time of the profile's schedule (`@weekly`: Sunday 00:00 UTC);
-a manual trigger runs now.
+Paused when created (Airflow's default). Unpausing it (with the toggle, or by a trigger with
+"Unpause on trigger") starts no scheduled run that was due before: the first scheduled run is the
+profile's next scheduled time after the unpause (`@weekly`: the next Sunday 00:00 UTC); a manual
+trigger runs now. Once scheduled runs exist, unpausing after a pause that spanned scheduled times
+runs the latest of them once, at once (Airflow's catchup=False), and the earlier ones never.
 
 New data starts a run too, before the schedule's time: the profile's dataset is an Airflow Asset
 (`file:///...` for a local file, `hf://datasets/<id>` for the hub), and an asset event for it
@@ -136,7 +138,12 @@ def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
     unpausing the DAG never starts a retrain at once (on the GPU, with nobody expecting it)."""
     if cron is None:
         return [DATASET]
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC", run_immediately=False),
+    # run_immediately=timedelta(0), not False: Airflow's scheduler-side CronTriggerTimetable reads
+    # False like None (the last slot still runs if it is within 10 % of the interval: 16.8 h of a
+    # week), so a Sunday-afternoon unpause queued that Sunday's 00:00 run. With a timedelta of 0 the
+    # first scheduled run is the first slot at or after now (tests/test_dag.py, several times of a week).
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC",
+                                                              run_immediately=timedelta(0)),
                                assets=[DATASET])
 
 

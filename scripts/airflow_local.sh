@@ -12,6 +12,13 @@ BIN=$ROOT/.venv/bin
 export PATH=$BIN:$PATH AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=${AIRFLOW_PORT:-8080}
 export AIRFLOW__CORE__PLUGINS_FOLDER=${AIRFLOW__CORE__PLUGINS_FOLDER:-$ROOT/plugins}
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/
+# Sized for a laptop (issue 30): the LocalExecutor forks all of [core] parallelism's workers at start
+# (default 32: about 40 processes in all), while one retrain_lora run (max_active_runs=1) has at most
+# two tasks ready at once; one API worker and one parsing process serve one user and one DAG file.
+# The caller's values win (AIRFLOW__CORE__PARALLELISM=8 make airflow-ui).
+export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-2}
+export AIRFLOW__API__WORKERS=${AIRFLOW__API__WORKERS:-1}
+export AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES=${AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES:-1}
 airflow db migrate >/dev/null
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT INT TERM

@@ -199,7 +199,7 @@ def main() -> int:
         print(f"  {name:<36} {seconds:7.1f}")
     (state / "timings.json").write_text(json.dumps(timings, indent=1))
     ui = "" if demo is TINY else f" DEMO={demo.state}"
-    print("\nLook at the same state in the UIs:\n"
+    print("\nLook at the same state in the UIs, one terminal each (each runs until Ctrl-C):\n"
           f"  make mlflow-ui{ui}    # MLflow: registry at http://127.0.0.1:5000/#/models (review cards)\n"
           f"  make airflow-ui{ui}   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
     return 0

@@ -46,11 +46,88 @@ def test_schedule_and_concurrency(dag: Any) -> None:
     assert load_config("e2e").data.uri.startswith("file:///") and load_config("e2e").data.uri.endswith(".jsonl")
     t = schedule.timetable
     assert isinstance(t, CronTriggerTimetable) and t.expression == "0 0 * * 0"  # the profile's @weekly
-    # what the scheduler computes for a first unpause: the next Sunday midnight, not a run at once
+    assert t.run_immediately == timedelta(0)  # not False: see test_unpausing_runs_nothing_due_before_it
+    # what the scheduler computes for a first unpause now: the next Sunday midnight, not a run at once
     scheduler = SchedulerTimetable(t.expression, timezone=t.timezone, run_immediately=t.run_immediately)
     first = scheduler.next_dagrun_info(last_automated_data_interval=None,
                                        restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=False))
     assert first is not None and first.run_after > timezone.utcnow()
+
+
+def _scheduler_dag(dag: Any, run_immediately: bool | None = None) -> Any:
+    """The DAG as the scheduler holds it: serialized as the dag processor stores it (through JSON,
+    as in the database) and read back; its timetable is Airflow's scheduler-side one.
+    `run_immediately` replaces the DAG's own value in the stored form (the fixture is shared)."""
+    import json
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    stored = json.dumps(DagSerialization.to_dict(dag))
+    if run_immediately is not None:
+        assert stored.count('"run_immediately": 0.0') == 1, stored  # timedelta(0), as seconds
+        stored = stored.replace('"run_immediately": 0.0', f'"run_immediately": {json.dumps(run_immediately)}')
+    return DagSerialization.from_dict(json.loads(stored))
+
+
+def _next_run_at(serdag: Any, now: str, monkeypatch: pytest.MonkeyPatch, last_run_end: str | None = None) -> Any:
+    """When the scheduler's next scheduled run of `serdag` starts, computed at `now` (UTC) as the dag
+    processor does on every parse (DagModel.calculate_dagrun_date_fields), the last scheduled run's
+    data interval ending at `last_run_end` (None: no scheduled run yet; manual runs do not count)."""
+    import airflow.timetables.trigger as trigger
+    from airflow._shared.timezones.timezone import parse
+    from airflow.timetables.base import DagRunInfo
+
+    monkeypatch.setattr(trigger, "utcnow", lambda: parse(now))  # the clock the timetable reads
+    last = None if last_run_end is None else DagRunInfo.interval(parse(last_run_end), parse(last_run_end))
+    info = serdag.next_dagrun_info(last_automated_run_info=last)  # the DAG's own restriction: catchup=False
+    assert info is not None
+    return info.run_after
+
+
+# 2026-12-06 and 2026-12-13 are Sundays; the schedule is the e2e profile's @weekly (Sunday 00:00 UTC).
+# The scheduler creates a run once its run_after has passed, so a run_after before `now` starts at once.
+@pytest.mark.parametrize(("now", "first"), [
+    ("2026-12-06T00:00:00+00:00", "2026-12-06T00:00:00+00:00"),  # unpaused at the very slot: due then
+    ("2026-12-06T00:00:30+00:00", "2026-12-13T00:00:00+00:00"),  # just after Sunday 00:00
+    ("2026-12-06T14:38:00+00:00", "2026-12-13T00:00:00+00:00"),  # issue 30's case (False queued 12-06)
+    ("2026-12-09T12:00:00+00:00", "2026-12-13T00:00:00+00:00"),  # mid-week
+    ("2026-12-12T23:59:30+00:00", "2026-12-13T00:00:00+00:00"),  # just before Sunday 00:00: due after
+])
+def test_unpausing_runs_nothing_due_before_it(dag: Any, monkeypatch: pytest.MonkeyPatch, now: str,
+                                              first: str) -> None:
+    """With no scheduled run yet (a new DAG; `make demo`'s runs are manual), unpausing, with the
+    toggle or the trigger form's "Unpause on trigger", schedules the first slot at or after the
+    unpause, never an earlier one."""
+    from airflow._shared.timezones.timezone import parse
+
+    run_after = _next_run_at(_scheduler_dag(dag), now, monkeypatch)
+    assert run_after == parse(first) and run_after >= parse(now)
+
+
+def test_run_immediately_false_would_run_a_past_slot(dag: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why the DAG says timedelta(0): Airflow's scheduler reads run_immediately=False like None (the
+    last slot runs when less than 10 % of the interval ago), the unpause at Sunday 14:38 of issue 30."""
+    sunday_afternoon = "2026-12-06T14:38:00+00:00"
+    assert _next_run_at(_scheduler_dag(dag), sunday_afternoon, monkeypatch).isoformat() == "2026-12-13T00:00:00+00:00"
+    stale = _next_run_at(_scheduler_dag(dag, run_immediately=False), sunday_afternoon, monkeypatch)
+    assert stale.isoformat() == "2026-12-06T00:00:00+00:00"  # 14 h 38 min in the past: would start at once
+
+
+@pytest.mark.parametrize(("last_run_end", "now", "expected"), [
+    # paused after the 11-29 run, unpaused mid-week after missing 12-06: that one runs once, at once
+    ("2026-11-29T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+    # missed 11-29 and 12-06: only the latest, 12-06, runs (catchup=False), the earlier one never
+    ("2026-11-22T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+    # paused after the 12-06 run, nothing missed: the next Sunday, as for a new DAG
+    ("2026-12-06T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-13T00:00:00+00:00"),
+])
+def test_unpausing_after_scheduled_runs_runs_the_latest_missed_slot_once(
+        dag: Any, monkeypatch: pytest.MonkeyPatch, last_run_end: str, now: str, expected: str) -> None:
+    """What docs/configuration.md says of a pause between scheduled runs: Airflow's catchup=False
+    runs the most recent slot missed while paused, once, at the unpause (run_immediately concerns
+    only a DAG with no scheduled run)."""
+    run_after = _next_run_at(_scheduler_dag(dag), now, monkeypatch, last_run_end=last_run_end)
+    assert run_after.isoformat() == expected
 
 
 def test_params_form_covers_the_knobs(dag: Any) -> None:

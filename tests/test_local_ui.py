@@ -1,6 +1,7 @@
 """`make up` / `make down` and `make airflow-ui` as a user runs them: both UIs answer, every listener
-of the stack is on 127.0.0.1, `down` leaves no process behind, and the all-admin Airflow API answers
-only requests addressed to a loopback name (no admin token for a DNS-rebound web page)."""
+of the stack is on 127.0.0.1, `down` leaves no process behind, the all-admin Airflow API answers
+only requests addressed to a loopback name (no admin token for a DNS-rebound web page), and
+`make airflow-ui` starts a handful of processes (sized for a laptop)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def _session_processes(leaders: set[int]) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
     return found
+
+
+def _assert_sized_for_a_laptop(leader: int) -> None:
+    """`make airflow-ui` starts a handful of processes, not ~40: the LocalExecutor forks [core]
+    parallelism's workers when the scheduler starts (Airflow's default 32; scripts/airflow_local.sh
+    says 2), beside one API worker, the scheduler, the dag processor and the triggerer."""
+    def executor_workers() -> list[psutil.Process]:
+        return [p for p in _session_processes({leader}) if "LocalExecutor" in " ".join(p.cmdline())]
+
+    deadline = time.monotonic() + 120  # the scheduler may start its executor after the API answers
+    while not executor_workers():
+        assert time.monotonic() < deadline, [p.cmdline() for p in _session_processes({leader})]
+        time.sleep(1)
+    time.sleep(5)  # all of them are forked at once; a few seconds for a late straggler to show
+    procs = _session_processes({leader})
+    assert len(executor_workers()) == 2, [p.cmdline() for p in procs]
+    # make, its shell, airflow_local.sh, api-server, scheduler + 2 workers, dag-processor, triggerer
+    # (+ its trigger runner): 10 measured (40 with Airflow's defaults)
+    assert len(procs) <= 12, [p.cmdline() for p in procs]
 
 
 def _assert_answers_loopback_names_only(port: int) -> None:
@@ -79,7 +99,8 @@ def test_make_up_listens_on_loopback_only_and_make_down_stops_it(tmp_path: Path)
 
 
 def test_make_airflow_ui_answers_loopback_host_names_only(tmp_path: Path) -> None:
-    """The same guard in `make airflow-ui` (the demo's state; here a fresh one in tmp_path)."""
+    """The same guard in `make airflow-ui` (the demo's state; here a fresh one in tmp_path), and
+    the number of processes it starts."""
     port = free_port()
     env = {**os.environ, "AIRFLOW_PORT": str(port)}
     with open(tmp_path / "airflow-ui.log", "w") as log:  # its own session: stopped as one below
@@ -91,6 +112,7 @@ def test_make_airflow_ui_answers_loopback_host_names_only(tmp_path: Path) -> Non
             assert ui.poll() is None and time.monotonic() < deadline, (tmp_path / "airflow-ui.log").read_text()[-3000:]
             time.sleep(1)
         _assert_answers_loopback_names_only(port)
+        _assert_sized_for_a_laptop(ui.pid)
     finally:
         procs = _session_processes({ui.pid})
         with contextlib.suppress(ProcessLookupError):  # Ctrl-C's way: airflow_local.sh stops its parts
