@@ -73,6 +73,25 @@ def _assert_answers_loopback_names_only(port: int) -> None:
     assert http_json("GET", f"{url}/api/v2/monitor/health", headers={"Host": f"localhost:{port}"})[0] == 200
 
 
+def _assert_form_refuses_out_of_bounds_values(port: int) -> None:
+    """What the trigger form sends on "Trigger": the API server refuses a value the config refuses,
+    naming the field (the form shows that answer); nothing is queued."""
+    url = f"http://127.0.0.1:{port}"
+    token = http_json("GET", f"{url}/auth/token")[1]["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 180  # the dag processor's first parse
+    while http_json("GET", f"{url}/api/v2/dags/retrain_lora", headers=auth)[0] != 200:
+        assert time.monotonic() < deadline, "retrain_lora was not parsed"
+        time.sleep(2)
+    for conf, refusal in (({"learning_rate": -1}, "learning_rate: -1 is less than or equal to the minimum of 0"),
+                          ({"max_steps": 0}, "max_steps: 0 should not be valid"),
+                          ({"lora_r": 2.5}, "lora_r: 2.5 is not of type 'null', 'integer'")):
+        status, answer = http_json("POST", f"{url}/api/v2/dags/retrain_lora/dagRuns",
+                                   {"logical_date": None, "conf": conf}, headers=auth)
+        assert status == 400 and f"Invalid input for param {refusal}" in str(answer), (conf, status, answer)
+    assert http_json("GET", f"{url}/api/v2/dags/retrain_lora/dagRuns", headers=auth)[1]["total_entries"] == 0
+
+
 def test_make_up_listens_on_loopback_only_and_make_down_stops_it(tmp_path: Path) -> None:
     state = tmp_path / "stack"
     ml_port, af_port = free_port(), free_port()
@@ -113,6 +132,7 @@ def test_make_airflow_ui_answers_loopback_host_names_only(tmp_path: Path) -> Non
             time.sleep(1)
         _assert_answers_loopback_names_only(port)
         _assert_sized_for_a_laptop(ui.pid)
+        _assert_form_refuses_out_of_bounds_values(port)
     finally:
         procs = _session_processes({ui.pid})
         with contextlib.suppress(ProcessLookupError):  # Ctrl-C's way: airflow_local.sh stops its parts
