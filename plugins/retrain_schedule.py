@@ -11,7 +11,7 @@ time the scheduler has not yet started when the DAG processor re-reads the file 
 Why 10 minutes: the scheduler creates a due run within seconds (its loop) and the DAG processor
 re-reads the file every 30 s, recomputing the next run each time (paused too); a slow parse or a
 restarted scheduler takes a minute or two. Ten minutes covers all of it, so a run due a few seconds
-ago is never lost, while an unpause more than 10 minutes after a missed time waits for the next.
+ago is not lost, while an unpause more than 10 minutes after a missed time waits for the next.
 The cost: Airflow down for longer than that across a scheduled time skips that run too (trigger it
 by hand; an asset event for the dataset still starts one).
 
