@@ -20,10 +20,12 @@ refuses is refused by the form, and what its schema cannot say (a path outside `
 the first task with one line.
 
 Paused when created (Airflow's default). Unpausing it (with the toggle, or by a trigger with
-"Unpause on trigger") starts no scheduled run that was due before: the first scheduled run is the
-profile's next scheduled time after the unpause (`@weekly`: the next Sunday 00:00 UTC); a manual
-trigger runs now. Once scheduled runs exist, unpausing after a pause that spanned scheduled times
-runs the latest of them once, at once (Airflow's catchup=False), and the earlier ones never.
+"Unpause on trigger") starts no scheduled run that was due before, first unpause or not: the next
+scheduled run is the profile's next scheduled time after the unpause (`@weekly`: the next Sunday
+00:00 UTC); a manual trigger runs now. A scheduled time runs only when the scheduler reaches it
+within 10 minutes; one missed by more (paused across it, or Airflow down) is skipped, never run
+late (plugins/retrain_schedule.py). Once scheduled runs exist, an unpause within 10 minutes after a
+scheduled time runs that time's run then.
 
 New data starts a run too, before the schedule's time: the profile's dataset is an Airflow Asset
 (`file:///...` for a local file, `hf://datasets/<id>` for the hub), and an asset event for it
@@ -41,7 +43,6 @@ from typing import Any
 from airflow.sdk import (
     Asset,
     AssetOrTimeSchedule,
-    CronTriggerTimetable,
     Param,
     TriggerRule,
     dag,
@@ -52,6 +53,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from mlflow_links import RUN_URL_KEY, VERSION_URL_KEY, run_url, version_url  # plugins/: links to MLflow
 from retrain_approval import ApprovalGate, Ask  # plugins/: a person's approval, human-in-the-loop
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
+from retrain_schedule import OnTimeCronTimetable  # plugins/: the schedule, no missed time run late
 
 # Only light modules at parse time; each step imports the ML stack it runs.
 from ml import pipeline
@@ -134,17 +136,13 @@ DATASET = Asset(DEFAULT.data.uri)
 
 def _schedule(cron: str | None) -> AssetOrTimeSchedule | list[Asset]:
     """The profile's schedule or new data, whichever comes first (no schedule: new data only).
-    The time part has no start date, so the first run waits for the next scheduled time:
-    unpausing the DAG never starts a retrain at once (on the GPU, with nobody expecting it)."""
+    The time part runs a scheduled time only when the scheduler reaches it within 10 minutes
+    (plugins/retrain_schedule.py): unpausing the DAG, the first time or after a pause across
+    scheduled times, never starts a retrain that was due longer ago (on the GPU, with nobody
+    expecting it)."""
     if cron is None:
         return [DATASET]
-    # run_immediately=timedelta(0), not False: Airflow's scheduler-side CronTriggerTimetable reads
-    # False like None (the last slot still runs if it is within 10 % of the interval: 16.8 h of a
-    # week), so a Sunday-afternoon unpause queued that Sunday's 00:00 run. With a timedelta of 0 the
-    # first scheduled run is the first slot at or after now (tests/test_dag.py, several times of a week).
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC",
-                                                              run_immediately=timedelta(0)),
-                               assets=[DATASET])
+    return AssetOrTimeSchedule(timetable=OnTimeCronTimetable(cron, timezone="UTC"), assets=[DATASET])
 
 
 @dag(

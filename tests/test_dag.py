@@ -34,9 +34,8 @@ def test_task_graph(dag: Any) -> None:
 def test_schedule_and_concurrency(dag: Any) -> None:
     assert dag.max_active_runs == 1
     assert dag.catchup is False
-    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, timezone
-    from airflow.timetables.base import TimeRestriction
-    from airflow.timetables.trigger import CronTriggerTimetable as SchedulerTimetable
+    from airflow.sdk import AssetOrTimeSchedule
+    from retrain_schedule import GRACE
 
     from ml.config import load_config
 
@@ -44,48 +43,76 @@ def test_schedule_and_concurrency(dag: Any) -> None:
     assert isinstance(schedule, AssetOrTimeSchedule)
     assert [a.uri for a in schedule.asset_condition.objects] == [load_config("e2e").data.uri]
     assert load_config("e2e").data.uri.startswith("file:///") and load_config("e2e").data.uri.endswith(".jsonl")
-    t = schedule.timetable
-    assert isinstance(t, CronTriggerTimetable) and t.expression == "0 0 * * 0"  # the profile's @weekly
-    assert t.run_immediately == timedelta(0)  # not False: see test_unpausing_runs_nothing_due_before_it
-    # what the scheduler computes for a first unpause now: the next Sunday midnight, not a run at once
-    scheduler = SchedulerTimetable(t.expression, timezone=t.timezone, run_immediately=t.run_immediately)
-    first = scheduler.next_dagrun_info(last_automated_data_interval=None,
-                                       restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=False))
-    assert first is not None and first.run_after > timezone.utcnow()
+    t = schedule.timetable  # plugins/retrain_schedule.py
+    assert type(t).__name__ == "OnTimeCronTimetable" and t.summary == "0 0 * * 0 (missed times skipped)"
+    assert t.grace == GRACE == timedelta(minutes=10)
 
 
-def _scheduler_dag(dag: Any, run_immediately: bool | None = None) -> Any:
+def _scheduler_dag(dag: Any, stock_run_immediately: bool | None = None) -> Any:
     """The DAG as the scheduler holds it: serialized as the dag processor stores it (through JSON,
-    as in the database) and read back; its timetable is Airflow's scheduler-side one.
-    `run_immediately` replaces the DAG's own value in the stored form (the fixture is shared)."""
+    as in the database) and read back; its timetable is what the registered plugin deserializes.
+    With `stock_run_immediately` (True or False), the stored form names Airflow's own
+    CronTriggerTimetable with that run_immediately instead: what this DAG's schedule was before."""
     import json
 
     from airflow.serialization.serialized_objects import DagSerialization
 
     stored = json.dumps(DagSerialization.to_dict(dag))
-    if run_immediately is not None:
-        assert stored.count('"run_immediately": 0.0') == 1, stored  # timedelta(0), as seconds
-        stored = stored.replace('"run_immediately": 0.0', f'"run_immediately": {json.dumps(run_immediately)}')
+    if stock_run_immediately is not None:
+        ours = ('{"__type": "retrain_schedule.OnTimeCronTimetable", "__var": {"expression": "0 0 * * 0", '
+                '"timezone": "UTC", "grace_s": 600.0}}')
+        assert stored.count(ours) == 1, stored
+        stock = {"__type": "airflow.timetables.trigger.CronTriggerTimetable",
+                 "__var": {"expression": "0 0 * * 0", "timezone": "UTC", "interval": 0.0,
+                           "run_immediately": stock_run_immediately}}
+        stored = stored.replace(ours, json.dumps(stock))
     return DagSerialization.from_dict(json.loads(stored))
 
 
 def _next_run_at(serdag: Any, now: str, monkeypatch: pytest.MonkeyPatch, last_run_end: str | None = None) -> Any:
     """When the scheduler's next scheduled run of `serdag` starts, computed at `now` (UTC) as the dag
-    processor does on every parse (DagModel.calculate_dagrun_date_fields), the last scheduled run's
-    data interval ending at `last_run_end` (None: no scheduled run yet; manual runs do not count)."""
+    processor does on every parse, paused or not (DagModel.calculate_dagrun_date_fields), the last
+    scheduled run's data interval ending at `last_run_end` (None: no scheduled run yet; manual runs
+    do not count)."""
     import airflow.timetables.trigger as trigger
     from airflow._shared.timezones.timezone import parse
     from airflow.timetables.base import DagRunInfo
 
-    monkeypatch.setattr(trigger, "utcnow", lambda: parse(now))  # the clock the timetable reads
+    monkeypatch.setattr(trigger, "utcnow", lambda: parse(now))  # the clock the timetables read
     last = None if last_run_end is None else DagRunInfo.interval(parse(last_run_end), parse(last_run_end))
     info = serdag.next_dagrun_info(last_automated_run_info=last)  # the DAG's own restriction: catchup=False
     assert info is not None
     return info.run_after
 
 
-# 2026-12-06 and 2026-12-13 are Sundays; the schedule is the e2e profile's @weekly (Sunday 00:00 UTC).
-# The scheduler creates a run once its run_after has passed, so a run_after before `now` starts at once.
+def test_the_schedule_round_trips_through_serialization(dag: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dag processor stores the DAG serialized and the scheduler reads it back: the timetable
+    comes back as our class (found through the plugin that registers it), same cron, grace and
+    run_immediately, and reads as such in the UI (the DAG list's schedule, its tooltip)."""
+    from airflow import plugins_manager
+    from airflow._shared.timezones.timezone import parse
+    from airflow.timetables.assets import AssetOrTimeSchedule
+
+    assert plugins_manager.get_import_errors() == {}
+    assert "retrain_schedule.OnTimeCronTimetable" in plugins_manager.get_timetables_plugins()
+    schedule = _scheduler_dag(dag).timetable
+    assert isinstance(schedule, AssetOrTimeSchedule)  # the scheduler-side class: new data or the time
+    t = schedule.timetable
+    assert type(t) is plugins_manager.get_timetables_plugins()["retrain_schedule.OnTimeCronTimetable"]
+    assert (t.summary, t.grace, t._run_immediately) == ("0 0 * * 0 (missed times skipped)",
+                                                         timedelta(minutes=10), timedelta(0))
+    assert schedule.summary == "Asset or 0 0 * * 0 (missed times skipped)"
+    assert schedule.description == ("Triggered by assets or At 00:00, only on Sunday (UTC); a time missed by "
+                                    "more than 10 minutes (paused, or Airflow down) is skipped, not run late")
+    assert t.serialize() == type(t).deserialize(t.serialize()).serialize()
+    monkeypatch.setattr("airflow.timetables.trigger.utcnow", lambda: parse("2026-12-09T12:00:00+00:00"))
+    assert t.infer_manual_data_interval(run_after=parse("2026-12-09T12:00:00+00:00")).end.isoformat() \
+        == "2026-12-09T12:00:00+00:00"  # a manual trigger runs now
+
+
+# 2026-11-22, 11-29, 12-06 and 12-13 are Sundays; the schedule is the e2e profile's @weekly (Sunday
+# 00:00 UTC). The scheduler creates a run once its run_after has passed, so a run_after before `now`
+# starts at once.
 @pytest.mark.parametrize(("now", "first"), [
     ("2026-12-06T00:00:00+00:00", "2026-12-06T00:00:00+00:00"),  # unpaused at the very slot: due then
     ("2026-12-06T00:00:30+00:00", "2026-12-13T00:00:00+00:00"),  # just after Sunday 00:00
@@ -104,30 +131,69 @@ def test_unpausing_runs_nothing_due_before_it(dag: Any, monkeypatch: pytest.Monk
     assert run_after == parse(first) and run_after >= parse(now)
 
 
-def test_run_immediately_false_would_run_a_past_slot(dag: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Why the DAG says timedelta(0): Airflow's scheduler reads run_immediately=False like None (the
-    last slot runs when less than 10 % of the interval ago), the unpause at Sunday 14:38 of issue 30."""
-    sunday_afternoon = "2026-12-06T14:38:00+00:00"
-    assert _next_run_at(_scheduler_dag(dag), sunday_afternoon, monkeypatch).isoformat() == "2026-12-13T00:00:00+00:00"
-    stale = _next_run_at(_scheduler_dag(dag, run_immediately=False), sunday_afternoon, monkeypatch)
-    assert stale.isoformat() == "2026-12-06T00:00:00+00:00"  # 14 h 38 min in the past: would start at once
-
-
 @pytest.mark.parametrize(("last_run_end", "now", "expected"), [
-    # paused after the 11-29 run, unpaused mid-week after missing 12-06: that one runs once, at once
-    ("2026-11-29T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
-    # missed 11-29 and 12-06: only the latest, 12-06, runs (catchup=False), the earlier one never
-    ("2026-11-22T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
-    # paused after the 12-06 run, nothing missed: the next Sunday, as for a new DAG
+    # one missed Sunday (12-06; paused after the 11-29 run), unpaused...
+    ("2026-11-29T00:00:00+00:00", "2026-12-06T14:38:00+00:00", "2026-12-13T00:00:00+00:00"),  # Sunday 14:38
+    ("2026-11-29T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-13T00:00:00+00:00"),  # Wednesday
+    ("2026-11-29T00:00:00+00:00", "2026-12-06T00:10:01+00:00", "2026-12-13T00:00:00+00:00"),  # just past the grace
+    ("2026-11-29T00:00:00+00:00", "2026-12-12T23:59:30+00:00", "2026-12-13T00:00:00+00:00"),  # Saturday night
+    # two missed Sundays (11-29 and 12-06; paused after the 11-22 run)
+    ("2026-11-22T00:00:00+00:00", "2026-12-06T14:38:00+00:00", "2026-12-13T00:00:00+00:00"),
+    ("2026-11-22T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-13T00:00:00+00:00"),
+    ("2026-11-22T00:00:00+00:00", "2026-12-06T00:10:01+00:00", "2026-12-13T00:00:00+00:00"),
+    # within the grace after the slot: that slot, once (the scheduler's own path: due seconds ago)
+    ("2026-11-29T00:00:00+00:00", "2026-12-06T00:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+    ("2026-11-29T00:00:00+00:00", "2026-12-06T00:00:20+00:00", "2026-12-06T00:00:00+00:00"),
+    ("2026-11-29T00:00:00+00:00", "2026-12-06T00:10:00+00:00", "2026-12-06T00:00:00+00:00"),
+    ("2026-11-22T00:00:00+00:00", "2026-12-06T00:05:00+00:00", "2026-12-06T00:00:00+00:00"),  # 11-29 never
+    # nothing missed (paused after the 12-06 run): the next Sunday, as for a new DAG
+    ("2026-12-06T00:00:00+00:00", "2026-12-06T00:00:20+00:00", "2026-12-13T00:00:00+00:00"),
     ("2026-12-06T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-13T00:00:00+00:00"),
+    ("2026-11-29T00:00:00+00:00", "2026-12-05T23:59:50+00:00", "2026-12-06T00:00:00+00:00"),
 ])
-def test_unpausing_after_scheduled_runs_runs_the_latest_missed_slot_once(
+def test_unpausing_after_scheduled_runs_skips_the_missed_slots(
         dag: Any, monkeypatch: pytest.MonkeyPatch, last_run_end: str, now: str, expected: str) -> None:
-    """What docs/configuration.md says of a pause between scheduled runs: Airflow's catchup=False
-    runs the most recent slot missed while paused, once, at the unpause (run_immediately concerns
-    only a DAG with no scheduled run)."""
+    """What docs/configuration.md says of a pause between scheduled runs: a Sunday the scheduler
+    reaches more than 10 minutes late (paused across it) never runs; the next Sunday runs on time.
+    One reached within the 10 minutes runs then, once."""
     run_after = _next_run_at(_scheduler_dag(dag), now, monkeypatch, last_run_end=last_run_end)
     assert run_after.isoformat() == expected
+
+
+@pytest.mark.parametrize(("stock_run_immediately", "last_run_end", "now", "stale"), [
+    # the first unpause, issue 30: run_immediately=False reads like None (10 % of a week: 16.8 h)
+    (False, None, "2026-12-06T14:38:00+00:00", "2026-12-06T00:00:00+00:00"),
+    # after scheduled runs (run_immediately plays no part): the latest missed slot at once
+    (False, "2026-11-29T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+    (True, "2026-11-22T00:00:00+00:00", "2026-12-09T12:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+])
+def test_airflows_own_timetable_would_run_a_missed_slot_at_once(
+        dag: Any, monkeypatch: pytest.MonkeyPatch, stock_run_immediately: bool, last_run_end: str | None,
+        now: str, stale: str) -> None:
+    """Why the schedule is a timetable of our own: where ours waits for the next Sunday, Airflow's
+    CronTriggerTimetable (catchup=False) starts a slot days or hours old at the unpause."""
+    ours = _next_run_at(_scheduler_dag(dag), now, monkeypatch, last_run_end=last_run_end)
+    assert ours.isoformat() == "2026-12-13T00:00:00+00:00"
+    stock = _next_run_at(_scheduler_dag(dag, stock_run_immediately=stock_run_immediately), now, monkeypatch,
+                         last_run_end=last_run_end)
+    assert stock.isoformat() == stale
+
+
+def test_a_backfill_still_lists_every_missed_slot(dag: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """catchup=True (a backfill asked for by hand, `airflow backfill create`) is Airflow's rule
+    unchanged: each Sunday of the range, however long ago."""
+    import airflow.timetables.trigger as trigger
+    from airflow._shared.timezones.timezone import parse
+    from airflow.timetables.base import DagRunInfo, TimeRestriction
+
+    monkeypatch.setattr(trigger, "utcnow", lambda: parse("2026-12-09T12:00:00+00:00"))
+    serdag = _scheduler_dag(dag)
+    infos = serdag.iter_dagrun_infos_between(parse("2026-11-20T00:00:00+00:00"), parse("2026-12-09T12:00:00+00:00"))
+    assert [i.run_after.isoformat()[:10] for i in infos] == ["2026-11-22", "2026-11-29", "2026-12-06"]
+    after = serdag.timetable.next_dagrun_info_v2(
+        last_dagrun_info=DagRunInfo.interval(parse("2026-11-22T00:00:00+00:00"), parse("2026-11-22T00:00:00+00:00")),
+        restriction=TimeRestriction(earliest=None, latest=None, catchup=True))
+    assert after.run_after.isoformat() == "2026-11-29T00:00:00+00:00"
 
 
 def test_params_form_covers_the_knobs(dag: Any) -> None:
