@@ -384,7 +384,8 @@ class DeployConfig(_Strict):
 
     schedule: str | None = Field("@weekly", description=(
         "Airflow schedule of retraining (null: manual runs and new data only). Read from the default profile "
-        "when the DAG is parsed."))
+        "when the DAG is parsed. A time Airflow reaches more than 10 minutes late (the DAG paused, or Airflow "
+        "down) is skipped, not run late, so unpausing never starts a retrain that was due before."))
     gpu_queue: str = Field("gpu", description=(
         "Airflow queue of the train, evaluate and promote tasks (the CUDA worker's). Read from the default "
         "profile when the DAG is parsed."))
