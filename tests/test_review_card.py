@@ -160,7 +160,7 @@ def registered_card(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     from ml import pipeline
 
     tmp = tmp_path_factory.mktemp("card")
-    cfg, paths, _ = trained_run(tmp)
+    cfg, paths, _ = trained_run(tmp, **{"train.max_steps": 5})  # real records; the numbers do not matter here
     pipeline.evaluate(cfg, paths)
     registered = pipeline.register(cfg, paths, "card-run")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
