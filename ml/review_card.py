@@ -117,13 +117,14 @@ def summary(decision: Mapping[str, Any], awaiting_approval: bool = False) -> str
 
 
 def commands(tracking_uri: str, profile: str, version: str, sets: Mapping[str, str] | None = None) -> list[str]:
-    """The rollback and the manual promotion of this version, for the registry this card lives in
-    (its tracking URI, credentials hidden: the CLI refuses to guess a registry)."""
-    env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))}"
+    """The rollback and the manual promotion of this version, for the registry this card lives in: its
+    tracking URI first (credentials hidden; the CLI refuses to guess a registry), then the two commands,
+    short enough to read without scrolling in MLflow's page."""
     opts = f"--profile {shlex.quote(profile)}" + "".join(f" --set {shlex.quote(f'{k}={v}')}"
                                                           for k, v in (sets or {}).items())
-    return [f'{env} python -m ml rollback {opts} --reason "..."',
-            f'{env} python -m ml promote {opts} --version {version} --reason "..."']
+    return [f"export MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))}",
+            f'python -m ml rollback {opts} --reason "..."',
+            f'python -m ml promote {opts} --version {version} --reason "..."']
 
 
 def answers_table(samples: list[Mapping[str, Any]], name: str) -> list[str]:
@@ -166,8 +167,8 @@ def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot:
         lines += ["", f"**Answers** to {len(samples)} test questions", "", *answers_table(samples, name)]
     if undo:
         lines += ["", "**Undo or override** (a person's move, recorded on the versions with who and why): give "
-                      "the champion alias back to the previous champion, or make this version the champion:", "",
-                  "```bash", *undo, "```"]
+                      "the champion alias back to the previous champion (rollback), or make this version the "
+                      "champion (promote):", "", "```bash", *undo, "```"]
     if links:
         lines += ["", "**Links** " + " · ".join(f"[{label}]({url})" for label, url in links.items())]
     return "\n".join(lines) + "\n"

@@ -136,18 +136,16 @@ def test_no_alias_or_name_becomes_a_mention_link() -> None:
 
 def test_the_card_ends_with_the_rollback_and_promote_commands_of_its_registry() -> None:
     undo = commands("http://user:secret@mlflow.example:5000", "demo", "7", {"registry.model_name": "my model"})
-    assert undo == [
-        "MLFLOW_TRACKING_URI='http://***@mlflow.example:5000' python -m ml rollback --profile demo "
-        "--set 'registry.model_name=my model' --reason \"...\"",
-        "MLFLOW_TRACKING_URI='http://***@mlflow.example:5000' python -m ml promote --profile demo "
-        "--set 'registry.model_name=my model' --version 7 --reason \"...\""]
+    assert undo == ["export MLFLOW_TRACKING_URI='http://***@mlflow.example:5000'",
+                    "python -m ml rollback --profile demo --set 'registry.model_name=my model' --reason \"...\"",
+                    "python -m ml promote --profile demo --set 'registry.model_name=my model' --version 7 "
+                    "--reason \"...\""]
     card = render(**_inputs(), changes=[], rows=None, links={"MLflow run": "http://m/#/runs/1"},
                   undo=commands("sqlite:///state/demo/mlflow/mlflow.db", "demo", "7"))
     block = card.split("```bash\n")[1].split("```")[0].splitlines()
-    assert block == ['MLFLOW_TRACKING_URI=sqlite:///state/demo/mlflow/mlflow.db python -m ml rollback --profile demo '
-                     '--reason "..."',
-                     'MLFLOW_TRACKING_URI=sqlite:///state/demo/mlflow/mlflow.db python -m ml promote --profile demo '
-                     '--version 7 --reason "..."']
+    assert block == ["export MLFLOW_TRACKING_URI=sqlite:///state/demo/mlflow/mlflow.db",
+                     'python -m ml rollback --profile demo --reason "..."',
+                     'python -m ml promote --profile demo --version 7 --reason "..."']
     assert "secret" not in "".join(undo)
 
 
@@ -187,6 +185,5 @@ def test_a_registered_cards_start_answers_reason_and_commands(
     for row, s in zip(rows, samples, strict=True):
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         assert cells[1].startswith(" ".join(s["reference"].split())[:40]) and all(cells[2:]), row
-    assert (f'MLFLOW_TRACKING_URI={uri} python -m ml promote --profile e2e --version {registered["version"]} '
-            '--reason "..."') in card
-    assert f'MLFLOW_TRACKING_URI={uri} python -m ml rollback --profile e2e --reason "..."' in card
+    assert (f'```bash\nexport MLFLOW_TRACKING_URI={uri}\npython -m ml rollback --profile e2e --reason "..."\n'
+            f'python -m ml promote --profile e2e --version {registered["version"]} --reason "..."\n```') in card
