@@ -94,20 +94,20 @@ def summary(decision: Mapping[str, Any], awaiting_approval: bool = False) -> str
     """The card's first line, plain text (no markup: MLflow's versions table shows it raw): what
     became of the version and the numbers that decided it."""
     outcome, name = decision["outcome"], decision["baseline"]
+    # The outcome first, in few words: the versions table cuts the line after about 30 characters.
     if outcome == "promote":
-        head = "Awaiting approval, the rule would promote it" if awaiting_approval and not decision.get("review") \
-            else "Promoted to champion"
+        head = "Awaiting approval" if awaiting_approval and not decision.get("review") else "Promoted"
     elif outcome == "keep":
         blocked = [GUARD_LABELS.get(g["metric"], g["metric"]) for g in decision.get("guardrails") or ()
                    if g.get("verdict") == "blocks"]
         review = decision.get("review")
         head = ("Kept out, no answer to the approval request" if review and review["timed_out"] else
                 f"Kept out, rejected by {review['by'] or 'an anonymous user'}" if review else
-                f"Kept out by the guardrail {', '.join(blocked)}" if blocked else "Kept out, the champion stays")
+                f"Kept out by the guardrail {', '.join(blocked)}" if blocked else "Kept out")
     else:
         why = str(decision["reason"]).removeprefix("NEEDS REVIEW: ").split(";")[0].split(". ")[0]
-        head = f"Needs review, nothing moved: {why}"
-    line = f"{head}. Test loss {decision['challenger_loss']:.4f} vs {decision['baseline_loss']:.4f} for {name}"
+        head = f"Needs review ({why})"
+    line = f"{head}: test loss {decision['challenger_loss']:.4f} vs {decision['baseline_loss']:.4f} of {name}"
     if decision.get("low") is not None:
         line += (f", improvement {decision['improvement']:+.4f} ({decision['confidence']:.0%} interval "
                  f"{decision['low']:+.4f} to {decision['high']:+.4f}; promotion needs more than "

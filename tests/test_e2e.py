@@ -108,7 +108,7 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     v1 = versions["1"]
     # the version's description is its review card: the decision, the scores, the links to the Airflow run
     card = client.get_model_version(MODEL, "1").description
-    assert card.startswith("Promoted to champion. Test loss ")
+    assert card.startswith("Promoted: test loss ")
     assert f"| {float(v1.tags['challenger_loss']):.4f} |" in card
     assert "python -m ml promote --profile e2e --version 1 --reason" in card  # the card's own registry and version
     assert "/dags/retrain_lora/runs/" in card and "/tasks/train)" in card and "**Answers** to 3 test questions" in card

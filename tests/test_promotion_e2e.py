@@ -360,4 +360,4 @@ def test_the_local_runner_has_nobody_to_ask_for_a_required_approval(
     version = _version_of(client, "p-approval", "asks")
     assert version.tags["decision"] == "needs_review"
     assert client.get_model_version("p-approval", version.version).description.startswith(
-        "Needs review, nothing moved: registry.approval is required and nobody was asked. Test loss ")
+        "Needs review (registry.approval is required and nobody was asked): test loss ")

@@ -49,7 +49,7 @@ def test_the_card_says_the_decision_why_and_what_changed_since_the_champion() ->
 
     card = render(**_inputs(), changes=changes, rows=rows,
                   links={"Airflow run": "http://airflow.example/dags/retrain_lora/runs/r1"})
-    assert card.startswith("Promoted to champion. Test loss 1.2346 vs 1.3457 for champion v3, improvement "
+    assert card.startswith("Promoted: test loss 1.2346 vs 1.3457 of champion v3, improvement "
                            "+0.1111 (95% interval +0.0500 to +0.1700; promotion needs more than 0.01).\n\n")
     assert card.count(_inputs()["decision"]["reason"]) == 1 and not bare_mentions(card)
     assert ("| test loss per answer token | 1.2346 | 1.3457 | improvement +0.1111 [+0.0500, +0.1700] | beyond "
@@ -71,7 +71,7 @@ def test_a_first_version_and_a_kept_one_say_so() -> None:
     inputs["evaluation"] = {**inputs["evaluation"], "champion_version": None,
                             "samples": [{"question": "q", "reference": "r", "challenger": "a", "baseline": ""}]}
     card = render(**inputs, changes=[], rows=None, links={})
-    assert card.startswith("Kept out, the champion stays. Test loss 1.2346 vs 1.3457 for base model")
+    assert card.startswith("Kept out: test loss 1.2346 vs 1.3457 of base model")
     assert "**Settings**" not in card and "since" not in card and "**Links**" not in card
     # the base model's answer has its column, an empty one said so
     assert "| question | reference | challenger | base model |\n| --- | --- | --- | --- |\n| q | r | a | " \
@@ -88,7 +88,7 @@ def test_the_card_shows_each_guardrail_beside_the_loss() -> None:
                "note": "measured on no test row of both models"}]
     inputs["decision"] = {**inputs["decision"], "outcome": "keep", "guardrails": guards}
     card = render(**inputs, changes=[], rows=None, links={})
-    assert card.startswith("Kept out by the guardrail yes/no/maybe right. Test loss")
+    assert card.startswith("Kept out by the guardrail yes/no/maybe right: test loss")
     assert "| | challenger | champion v3 | change, 95% interval | verdict |" in card
     assert ("| yes/no/maybe right (guardrail, margin 2.0%) | 41.3% | 56.5% | -15.2% [-30.0%, -5.0%] over 46 rows | "
             "blocks: clearly worse: its whole interval is past the margin |") in card
@@ -100,17 +100,17 @@ def test_the_card_shows_each_guardrail_beside_the_loss() -> None:
 def test_a_card_awaiting_approval_says_so_and_a_reviewed_one_says_who_answered() -> None:
     inputs = _inputs()
     card = render(**inputs, changes=[], rows=None, links={}, awaiting_approval=True)
-    assert card.startswith("Awaiting approval, the rule would promote it. Test loss 1.2346 vs 1.3457")
+    assert card.startswith("Awaiting approval: test loss 1.2346 vs 1.3457")
     review = {"answer": "Promote", "by": "alice", "at": "2026-12-06T10:00:00+00:00", "comment": "reads well",
               "timed_out": False}
     inputs["decision"] = {**inputs["decision"], "review": review}
     card = render(**inputs, changes=[], rows=None, links={}, awaiting_approval=True)
-    assert card.startswith("Promoted to champion. ")
+    assert card.startswith("Promoted: ")
     assert "**Review** approved by alice at 2026-12-06T10:00:00+00:00: reads well." in card
     inputs["decision"] = {**inputs["decision"], "outcome": "keep",
                           "review": {**review, "answer": "Keep", "by": None, "comment": "", "timed_out": True}}
     card = render(**inputs, changes=[], rows=None, links={})
-    assert card.startswith("Kept out, no answer to the approval request. ")
+    assert card.startswith("Kept out, no answer to the approval request: ")
     assert "**Review** no answer by 2026-12-06T10:00:00+00:00." in card
 
 
@@ -126,8 +126,8 @@ def test_no_alias_or_name_becomes_a_mention_link() -> None:
     inputs["evaluation"]["samples"][0]["challenger"] = "@previous_champion says hi"
     card = render(**inputs, changes=[], rows=None, links={})
     first = card.splitlines()[0]
-    assert first == ("Needs review, nothing moved: champion was moved by hand (alice) to v4 after this run was "
-                     "evaluated against champion v3. Test loss 1.2346 vs 1.3457 for champion v3, improvement +0.1111 "
+    assert first == ("Needs review (champion was moved by hand (alice) to v4 after this run was "
+                     "evaluated against champion v3): test loss 1.2346 vs 1.3457 of champion v3, improvement +0.1111 "
                      "(95% interval +0.0500 to +0.1700; promotion needs more than 0.01).")
     assert not re.search(r"[`*#|@\[]", first) and not bare_mentions(card)
     assert "`@champion` was moved by hand" in card and "ask `@carol`, or mail carol@example.org" in card
@@ -173,8 +173,8 @@ def test_a_registered_cards_start_answers_reason_and_commands(
     card, paths, registered, uri = registered_card
     decision = read_json(paths.evaluation)["decision"]
     lines = card.splitlines()
-    assert re.fullmatch(r"(Promoted to champion|Kept out, the champion stays|Needs review, nothing moved: .+)\. "
-                        r"Test loss \d\.\d{4} vs \d\.\d{4} for base model.*\.", lines[0]), lines[0]
+    assert re.fullmatch(r"(Promoted|Kept out|Needs review \(.+\)): "
+                        r"test loss \d\.\d{4} vs \d\.\d{4} of base model.*\.", lines[0]), lines[0]
     assert lines[1] == "" and not re.search(r"[`*#|@\[]", lines[0]) and not bare_mentions(card)
     assert card.count(decision["reason"].split(";")[0]) == 1  # the reason, once
     # three test questions: the reference, the challenger's and the base model's answers side by side
