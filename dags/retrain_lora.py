@@ -178,7 +178,7 @@ def retrain_lora() -> None:
         try:
             return pipeline.validate(cfg, paths, run_key)
         except GateFailed as exc:  # no retry can fix bad data
-            raise AirflowFailException(str(exc)) from exc
+            raise AirflowFailException(str(exc)) from None  # its lines once, not again as the cause
 
     @task
     def prepare(gate: dict[str, Any]) -> dict[str, int]:

@@ -1,23 +1,25 @@
 """The review card: a model version's description in MLflow, a screen of markdown a person reads
 to check a decision. Pure: it renders what the run folder and the registry already hold.
 
-The decision and why (the improvement with its interval, the rows), both models' scores, the
+First a one-line plain summary (MLflow's versions table shows a description's start raw, so it
+holds no markup), then the decision's reason, once; both models' scores with the interval; the
 data (and the training rows added or removed since the champion), the settings that differ from
-the champion's, the training's time and speed, three test questions answered by both models
-side by side, and links to where the run happened.
+the champion's, the training's time and speed; three test questions with the reference answer and
+both models' answers side by side; the exact rollback and manual-promotion commands for this
+registry and version; links to where the run happened. No bare `@word`: MLflow's markdown would
+link it to a GitHub user.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
 from ml.config import redact, role
 
-HEADINGS = {"promote": "PROMOTED to @champion", "keep": "Kept out: the champion stays",
-            "needs_review": "NEEDS REVIEW: nothing moved"}
-AWAITING = "AWAITING APPROVAL: the rule would promote it to @champion"
 GUARD_LABELS = {"decision_accuracy": "yes/no/maybe right", "degenerate_answers": "degenerate answers"}
 
 
@@ -78,25 +80,78 @@ def scores_table(decision: Mapping[str, Any], ch: Mapping[str, Any], base: Mappi
     return lines
 
 
+def no_mentions(text: str) -> str:
+    """`text` with every `@word` in a code span: MLflow's markdown links a bare `@champion` to a GitHub
+    user of that name. An e-mail address (a letter before the @) and a code span stay as they are."""
+    parts = text.split("`")  # the odd parts are already code spans
+    return "`".join(MENTION.sub(r"`\1`", p) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+MENTION = re.compile(r"(?<![\w@`])(@[A-Za-z0-9_][A-Za-z0-9_-]*)")
+
+
+def summary(decision: Mapping[str, Any], awaiting_approval: bool = False) -> str:
+    """The card's first line, plain text (no markup: MLflow's versions table shows it raw): what
+    became of the version and the numbers that decided it."""
+    outcome, name = decision["outcome"], decision["baseline"]
+    # The outcome first, in few words: the versions table cuts the line after about 30 characters.
+    if outcome == "promote":
+        head = "Awaiting approval" if awaiting_approval and not decision.get("review") else "Promoted"
+    elif outcome == "keep":
+        blocked = [GUARD_LABELS.get(g["metric"], g["metric"]) for g in decision.get("guardrails") or ()
+                   if g.get("verdict") == "blocks"]
+        review = decision.get("review")
+        head = ("Kept out, no answer to the approval request" if review and review["timed_out"] else
+                f"Kept out, rejected by {review['by'] or 'an anonymous user'}" if review else
+                f"Kept out by the guardrail {', '.join(blocked)}" if blocked else "Kept out")
+    else:
+        why = str(decision["reason"]).removeprefix("NEEDS REVIEW: ").split(";")[0].split(". ")[0]
+        head = f"Needs review ({why})"
+    line = f"{head}: test loss {decision['challenger_loss']:.4f} vs {decision['baseline_loss']:.4f} of {name}"
+    if decision.get("low") is not None:
+        line += (f", improvement {decision['improvement']:+.4f} ({decision['confidence']:.0%} interval "
+                 f"{decision['low']:+.4f} to {decision['high']:+.4f}; promotion needs more than "
+                 f"{decision['min_delta']:g})")
+    plain = " ".join(line.replace("@", "").replace("`", "").replace("|", "/").replace("#", "").split())
+    return plain + "."
+
+
+def commands(tracking_uri: str, profile: str, version: str, sets: Mapping[str, str] | None = None) -> list[str]:
+    """The rollback and the manual promotion of this version, for the registry this card lives in: its
+    tracking URI first (credentials hidden; the CLI refuses to guess a registry), then the two commands,
+    short enough to read without scrolling in MLflow's page."""
+    opts = f"--profile {shlex.quote(profile)}" + "".join(f" --set {shlex.quote(f'{k}={v}')}"
+                                                          for k, v in (sets or {}).items())
+    return [f"export MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))}",
+            f'python -m ml rollback {opts} --reason "..."',
+            f'python -m ml promote {opts} --version {version} --reason "..."']
+
+
+def answers_table(samples: list[Mapping[str, Any]], name: str) -> list[str]:
+    """Per sample question, a row: the question, the reference answer, the challenger's and its
+    comparator's (the champion or the base model) answers side by side."""
+    def said(text: Any) -> str:
+        return _cell(no_mentions(str(text))) if str(text or "").strip() else "*(empty answer)*"
+
+    lines = [f"| question | reference | challenger | {name} |", "| --- | --- | --- | --- |"]
+    return lines + [f"| {_cell(no_mentions(s['question']), 160)} | {said(s.get('reference', '–'))} | "
+                    f"{said(s.get('challenger'))} | {said(s.get('baseline'))} |" for s in samples]
+
+
 def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot: Mapping[str, Any],
            trained: Mapping[str, Any], changes: list[tuple[str, str, str]], rows: tuple[int, int] | None,
-           links: Mapping[str, str], awaiting_approval: bool = False) -> str:
-    """The card; `awaiting_approval`: the rule chose the version and a person has yet to answer."""
+           links: Mapping[str, str], awaiting_approval: bool = False, undo: list[str] | None = None) -> str:
+    """The card; `awaiting_approval`: the rule chose the version and a person has yet to answer; `undo`:
+    the rollback and manual-promotion commands (`commands`) that end it."""
     ch, base, name = evaluation["challenger"], evaluation["baseline"], decision["baseline"]
-    heading = AWAITING if awaiting_approval and decision["outcome"] == "promote" and not decision.get("review") \
-        else HEADINGS.get(decision["outcome"], decision["outcome"])
-    lines = [f"### {heading}", ""]
-    if decision.get("low") is not None:
-        lines.append(f"Improvement **{decision['improvement']:+.4f}** nats per answer token, "
-                     f"{decision['confidence']:.0%} interval [{decision['low']:+.4f}, {decision['high']:+.4f}] over "
-                     f"{decision['rows']} test rows (promotion needs the lower bound above "
-                     f"{decision['min_delta']:g}).")
-    lines += ["", f"> {_cell(decision['reason'], 1200)}", "", *scores_table(decision, ch, base)]
+    lines = [summary(decision, awaiting_approval), "", f"> {no_mentions(_cell(decision['reason'], 1200))}", "",
+             *scores_table(decision, ch, base)]
     if decision.get("review"):
         r = decision["review"]
         said = ("no answer by " + r["at"] if r["timed_out"] else
                 f"{'approved' if r['answer'] == 'Promote' else 'rejected'} by {r['by']} at {r['at']}")
-        lines += ["", f"**Review** {_cell(said)}" + (f": {_cell(r['comment'], 400)}" if r["comment"] else "") + "."]
+        lines += ["", f"**Review** {_cell(said)}" + (f": {no_mentions(_cell(r['comment'], 400))}"
+                                                     if r["comment"] else "") + "."]
     since = "" if rows is None else f"; since {name}: {rows[0]} training rows added, {rows[1]} removed"
     lines += ["", f"**Data** `{snapshot['source']}`, {snapshot['rows']} rows, fingerprint "
                   f"`{snapshot['fingerprint'][:12]}`{since}."]
@@ -107,14 +162,13 @@ def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot:
     speed = f", {trained['tokens_per_s']:,.0f} tokens/s" if trained.get("tokens_per_s") else ""
     gpu = f", peak GPU memory {trained['peak_gpu_gib']:.1f} GiB" if trained.get("peak_gpu_gib") else ""
     lines.append(f"**Training** {trained['global_step']} steps in {trained['runtime_s']:.0f} s{speed}{gpu}.")
-    samples = evaluation.get("samples") or []
+    samples = (evaluation.get("samples") or [])[:3]
     if samples:
-        other = "baseline" if any("baseline" in s for s in samples) else None
-        lines += ["", f"**Answers** to {len(samples[:3])} test questions", "",
-                  "| question | challenger |" + (f" {name} |" if other else ""),
-                  "| --- | --- |" + (" --- |" if other else "")]
-        lines += [f"| {_cell(s['question'], 160)} | {_cell(s['challenger'])} |"
-                  + (f" {_cell(s.get('baseline', ''))} |" if other else "") for s in samples[:3]]
+        lines += ["", f"**Answers** to {len(samples)} test questions", "", *answers_table(samples, name)]
+    if undo:
+        lines += ["", "**Undo or override** (a person's move, recorded on the versions with who and why): give "
+                      "the champion alias back to the previous champion (rollback), or make this version the "
+                      "champion (promote):", "", "```bash", *undo, "```"]
     if links:
         lines += ["", "**Links** " + " · ".join(f"[{label}]({url})" for label, url in links.items())]
     return "\n".join(lines) + "\n"

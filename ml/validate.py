@@ -57,6 +57,7 @@ from great_expectations.validator.validation_statistics import calc_validation_s
 from ml.config import PipelineConfig
 from ml.data import DECISION, DECISIONS, assign_split, normalize_question, to_example
 from ml.expectations import ExpectColumnValuesToHaveScriptShare
+from ml.gate_messages import Terms, merge_blank_and_length, message
 from ml.prompt import PromptFormat, token_lengths
 from ml.tokenizer_files import tokenizer_files
 
@@ -82,8 +83,11 @@ class CheckResult:
     expectation: str
     column: str | None
     success: bool
-    message: str
+    message: str  # in the data's terms (ml/gate_messages.py): column, rule with its bounds, rows
     examples: list[str] = field(default_factory=list)  # offending row keys
+    detail: str = ""  # GX's numbers, as its result has them (the HTML page's detail column)
+    unexpected: int | None = None  # offending rows (None: a table or column-level check)
+    listed: list[str] = field(default_factory=list)  # every offending row's key, when GX listed them all
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,9 @@ class ValidationReport:
             return f"data-quality gate passed: {len(self.checks)} expectations on {self.rows} rows{trunc}"
         lines = [f"data-quality gate FAILED: {len(self.failures)} of {len(self.checks)} expectations on "
                  f"{self.rows} rows{trunc}"]
-        for c in self.failures:
-            where = f"[{c.family}] {c.expectation}" + (f" on {c.column}" if c.column else "")
-            rows = f" (rows {', '.join(c.examples)})" if c.examples else ""
-            lines.append(f"  - {where}: {c.message}{rows}")
+        said = merge_blank_and_length([(c.column, c.expectation, -1 if c.unexpected is None else c.unexpected,
+                                        c.listed, f"[{c.family}] {c.message}") for c in self.failures])
+        lines += [f"  - {line}" for line in said]
         return "\n".join(lines)
 
     def write(self, json_path: Path) -> tuple[Path, Path]:
@@ -288,21 +291,33 @@ def build_suite(cfg: PipelineConfig, with_fit: bool) -> Any:
     return gx.ExpectationSuite(name=f"{cfg.profile}-data-gate", expectations=exps)
 
 
-def _check_result(res: Any) -> CheckResult:
+def terms(cfg: PipelineConfig) -> Terms:
+    """How this dataset names its columns and rows, for the failure lines (ml/gate_messages.py)."""
+    d = cfg.data
+    return Terms(columns=dict(d.columns), key=d.id_column or "row key", decision=d.decision_column or DECISION,
+                 decisions=DECISIONS, pii=PII_PATTERNS)
+
+
+def _check_result(res: Any, words: Terms) -> CheckResult:
     conf = res.expectation_config
     column = conf.kwargs.get("column")
     r = res.result or {}
-    keys = [str(row["key"]) for row in (r.get("partial_unexpected_index_list") or [])][:5]
+    keys = [str(row["key"]) for row in (r.get("partial_unexpected_index_list") or [])]
+    error = None
     if res.exception_info and res.exception_info.get("raised_exception"):
-        message = f"could not be evaluated: {res.exception_info.get('exception_message')}"
+        error = str(res.exception_info.get("exception_message"))
+        detail = f"could not be evaluated: {error}"
     elif "unexpected_count" in r:
-        message = (f"{r['unexpected_count']} unexpected of {r.get('element_count')} rows "
-                   f"({r.get('unexpected_percent') or 0:.1f}% of non-null values)")
+        detail = (f"{r['unexpected_count']} unexpected of {r.get('element_count')} rows "
+                  f"({r.get('unexpected_percent') or 0:.1f}% of non-null values)")
         if conf.kwargs.get("mostly") is not None:
-            message += f"; allowed {100 * (1 - conf.kwargs['mostly']):.1f}%"
+            detail += f"; allowed {100 * (1 - conf.kwargs['mostly']):.1f}%"
     else:
-        message = f"observed {r.get('observed_value')}"
-    return CheckResult(conf.meta.get("family", "?"), conf.type, column, bool(res.success), message, keys)
+        detail = f"observed {r.get('observed_value')}"
+    unexpected = r.get("unexpected_count")
+    said = "" if res.success else message(conf.type, conf.kwargs, r, words, error)
+    return CheckResult(conf.meta.get("family", "?"), conf.type, column, bool(res.success), said or detail,
+                       keys[:5], detail, unexpected, keys if unexpected is not None and len(keys) >= unexpected else [])
 
 
 def gate_tokenizer(cfg: PipelineConfig) -> Any:
@@ -370,13 +385,13 @@ def gate(records: Sequence[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any 
         success=stats.success, results=results, suite_name=suite.name, meta={**meta, "chunks": len(chunks)},
         statistics={k: v for k, v in stats._asdict().items() if k != "success"})
     note = "" if sample is None else _sample_note(len(sample))
-    checks = [_check_result(r) for r in results]
+    words = terms(cfg)
+    checks = [_check_result(r, words) for r in results]
     checks = [dataclasses.replace(c, message=c.message + note) if c.family == "fit" else c for c in checks]
     truncated = (over / counted if counted else 0.0) if with_fit else None
     report = ValidationReport(bool(result.success), n, checks, truncated, masked(result.to_json_dict()),
                               None if sample is None else len(sample))
-    log.info(report.summary())
-    return report
+    return report  # said once, by the caller: logged when it passed, raised or printed when it failed
 
 
 def _by_value(frame: Any, column: str, rows: int) -> Iterator[Any]:
@@ -464,7 +479,7 @@ def render_html(report: ValidationReport) -> str:
         rows.append(
             f"<tr class={'ok' if c.success else 'bad'}><td>{'✔' if c.success else '✘'}</td>"
             f"<td>{html.escape(c.family)}</td><td><code>{html.escape(c.expectation)}</code></td>"
-            f"<td>{html.escape(c.column or '')}</td><td>{html.escape(c.message)}</td>"
+            f"<td>{html.escape(c.column or '')}</td><td>{html.escape(c.message)}</td><td>{html.escape(c.detail)}</td>"
             f"<td>{html.escape(', '.join(c.examples))}</td></tr>")
     trunc = ("" if report.truncated_share is None else
              f"<p>Rows longer than the model's max_seq_length (answer cut off): "
@@ -476,6 +491,7 @@ tr.ok{{background:#e6f4ea}} h1.bad{{color:#b00020}} h1.ok{{color:#1e7b34}}</styl
 <h1 class={'ok' if report.success else 'bad'}>Data-quality gate {status}</h1>
 <p>{report.rows} rows, {len(report.checks)} expectations, {len(report.failures)} failed
 (families: {html.escape(', '.join(sorted(report.failed_families)) or 'none')}).</p>{trunc}
-<table><tr><th></th><th>family</th><th>expectation</th><th>column</th><th>result</th><th>example row keys</th></tr>
+<table><tr><th></th><th>family</th><th>expectation</th><th>column</th><th>result</th><th>GX result</th>
+<th>example row keys</th></tr>
 {''.join(rows)}</table></body></html>
 """

@@ -42,9 +42,9 @@ def test_validate_fails_the_gate_with_named_checks(tmp_path: Path, tiny_model: P
     out = _ml("validate", "--data", str(bad), "--profile", "e2e", "--report", str(tmp_path / "r.json"))
     assert out.returncode == 1, out.stderr
     lines = out.stdout.splitlines()
-    assert any("[content] expect_column_values_to_match_regex on LONG_ANSWER__text" in line
-               and rows[3]["PMID"] in line for line in lines)
-    assert any("[uniqueness] expect_column_values_to_be_unique on QUESTION__normalized" in line
+    assert f"  - [content] LONG_ANSWER: 1 of 80 rows is empty or blank; answers must be 10-5,000 characters of text " \
+           f"(validation.answer_chars) (PMID {rows[3]['PMID']})" in lines
+    assert any(line.startswith("  - [uniqueness] QUESTION: 2 of 80 rows ask a question another row asks too")
                and rows[5]["PMID"] in line for line in lines)
     assert json.loads((tmp_path / "r.json").read_text())["success"] is False
 

@@ -108,7 +108,9 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     v1 = versions["1"]
     # the version's description is its review card: the decision, the scores, the links to the Airflow run
     card = client.get_model_version(MODEL, "1").description
-    assert card.startswith("### PROMOTED to @champion") and f"| {float(v1.tags['challenger_loss']):.4f} |" in card
+    assert card.startswith("Promoted: test loss ")
+    assert f"| {float(v1.tags['challenger_loss']):.4f} |" in card
+    assert "python -m ml promote --profile e2e --version 1 --reason" in card  # the card's own registry and version
     assert "/dags/retrain_lora/runs/" in card and "/tasks/train)" in card and "**Answers** to 3 test questions" in card
     # the register task's buttons in Airflow open the MLflow run and the version (plugins/mlflow_links.py)
     from airflow import plugins_manager
@@ -203,7 +205,7 @@ def test_better_challenger_takes_the_alias_and_keeps_the_previous(retrain_dag: A
     assert _alias(client, "champion") == "2" and _alias(client, "previous_champion") == "1"
     card = client.get_model_version(MODEL, "2").description
     assert "`train.max_steps` 30 → 90" in card and "0 training rows added, 0 removed" in card
-    assert "| question | challenger | champion v1 |" in card
+    assert "| question | reference | challenger | champion v1 |" in card
     # The champion scored in run 2 is the model version 1 scored in run 1: same data, same loss.
     assert float(v2.tags["baseline_loss"]) == pytest.approx(float(_versions(client)["1"].tags["challenger_loss"]))
 
@@ -223,7 +225,7 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert client.get_run(v3.run_id).data.tags["decision"] == "rejected"
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
-    assert client.get_model_version(MODEL, "3").description.startswith("### Kept out: the champion stays")
+    assert client.get_model_version(MODEL, "3").description.startswith("Kept out")
 
 
 def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, client: Any, inbox: Inbox) -> None:

@@ -359,4 +359,5 @@ def test_the_local_runner_has_nobody_to_ask_for_a_required_approval(
     assert _alias(client, "p-approval", "champion") is None
     version = _version_of(client, "p-approval", "asks")
     assert version.tags["decision"] == "needs_review"
-    assert client.get_model_version("p-approval", version.version).description.startswith("### NEEDS REVIEW")
+    assert client.get_model_version("p-approval", version.version).description.startswith(
+        "Needs review (registry.approval is required and nobody was asked): test loss ")

@@ -432,3 +432,98 @@ def test_chat_templates_render_in_the_gate_as_in_transformers() -> None:
         assert ours == theirs[0] and "never shown" not in ours
     with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role system"):
         compile_chat_template(template).render(messages=[{"role": "system", "content": "x"}])
+
+
+# ---------------------------------------------------------------- the failure lines a person reads
+
+def _bad_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """An empty answer, a question over its bound, and one row per kind of personal identifier."""
+    rows[3]["LONG_ANSWER"] = ""
+    rows[4]["QUESTION"] = "폐암 " * 600 + "?"  # 1,801 characters: over question_chars' 1,000
+    pii = {"resident registration number": "환자 900101-1234567", "phone number": "연락처 010-1234-5678",
+           "international phone number": "해외 +82 10-1234-5678", "e-mail address": "문의 kim.doctor@hospital.kr"}
+    for i, text in enumerate(pii.values()):
+        rows[10 + i]["CONTEXTS"] = [*rows[10 + i]["CONTEXTS"], text]
+    return rows, {kind: rows[10 + i]["key"] for i, kind in enumerate(pii)}
+
+
+def test_failure_lines_name_the_column_the_rule_its_bounds_and_the_rows(
+        rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any) -> None:
+    rows, pii_rows = _bad_rows(rows)
+    report = _gate(rows, cfg, tokenizer)
+    lines = report.summary().splitlines()[1:]
+    assert lines[0] == (f"  - [content] QUESTION: 1 of 80 rows is longer than 1,000 characters; questions must be "
+                        f"10-1,000 characters (validation.question_chars) (PMID {rows[4]['key']})")
+    # the empty answer breaks the not-blank and the length rule: said once, with the bounds
+    assert lines[1] == (f"  - [content] LONG_ANSWER: 1 of 80 rows is empty or blank; answers must be 10-5,000 "
+                        f"characters of text (validation.answer_chars) (PMID {rows[3]['key']})")
+    (privacy,) = [line for line in lines if "[privacy]" in line]
+    assert privacy.startswith("  - [privacy] CONTEXTS: 4 of 80 rows hold a personal identifier: ")
+    for kind, key in pii_rows.items():  # each kind named with its row, none of the identifiers quoted
+        assert f" {kind} (PMID {key})" in privacy
+    assert not any(text in privacy for text in ("1234", "kim.doctor", "900101"))
+    assert "expect_" not in report.summary() and "__text" not in report.summary()
+    assert len(report.failures) == 4 and len(lines) == 3  # four rules broken, three lines
+
+
+def test_failure_lines_say_the_script_share_fit_and_size_rules_in_numbers(
+        rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any) -> None:
+    for r in rows[:6]:
+        r["QUESTION"] = r["QUESTION"].encode("utf-8").decode("latin-1")
+    for r in rows[6:16]:
+        r["CONTEXTS"] = r["CONTEXTS"] * 8
+    lines = _gate(rows[:60], cfg, tokenizer).summary().splitlines()[1:]
+    keys = ", ".join(r["key"] for r in rows[:5])
+    assert (f"  - [language] QUESTION: 6 of 60 rows (10.0%) have under 50% of their letters in Hangul: mojibake "
+            f"(UTF-8 read as Latin-1) or another language; at most 5% of rows may (PMID {keys} and 1 more)") in lines
+    (fit,) = [line for line in lines if "[fit]" in line]
+    assert fit.startswith(f"  - [fit] prompt + answer: 10 of 60 rows (16.7%) are longer than model.max_seq_length, "
+                          f"{cfg.model.max_seq_length:,} tokens: their answers would be cut in training; at most 10% "
+                          "of rows may (validation.max_truncated_share) (PMID ")
+    size = _gate(rows[16:56], cfg, tokenizer).summary().splitlines()[1:]
+    assert size == ["  - [size] dataset: 40 rows; it needs 50 to 1,000,000 rows (validation.min_rows, "
+                    "validation.max_rows)"]
+
+
+def test_the_gx_report_keeps_its_detail(rows: list[dict[str, Any]], cfg: PipelineConfig, tokenizer: Any,
+                                        tmp_path: Path) -> None:
+    rows, _ = _bad_rows(rows)
+    json_path, html_path = _gate(rows, cfg, tokenizer).write(tmp_path / "validation.json")
+    failed = [r for r in json.loads(json_path.read_text())["results"] if not r["success"]]
+    assert {(r["expectation_config"]["type"], r["expectation_config"]["kwargs"]["column"],
+             r["result"]["unexpected_count"]) for r in failed} == {
+        ("expect_column_values_to_match_regex", "LONG_ANSWER__text", 1),
+        ("expect_column_value_lengths_to_be_between", "LONG_ANSWER__text", 1),
+        ("expect_column_value_lengths_to_be_between", "QUESTION__text", 1),
+        ("expect_column_values_to_not_match_regex_list", "CONTEXTS__text", 4)}
+    page = html_path.read_text()
+    assert "4 unexpected of 80 rows (5.0% of non-null values)" in page and "hold a personal identifier" in page
+
+
+def test_each_failure_line_is_said_once(rows: list[dict[str, Any]], cfg: PipelineConfig, tmp_path: Path,
+                                        tiny_model: Path, capsys: pytest.CaptureFixture[str],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Once by the CLI (printed, not logged too), once by the pipeline's step (raised, not logged too)."""
+    from ml.__main__ import main
+    from ml.errors import GateFailed
+    from ml.pipeline import data_steps
+    from ml.runs import run_paths
+
+    rows, _ = _bad_rows(rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({**{k: v for k, v in r.items() if k != "key"}, "PMID": r["key"]},
+                                        ensure_ascii=False) for r in rows), encoding="utf-8")
+    caplog.set_level("INFO")
+    assert main(["validate", "--data", str(bad), "--profile", "e2e"]) == 1
+    out = capsys.readouterr()
+    said = out.out + out.err + caplog.text
+    lines = [line for line in out.out.splitlines() if line.startswith("  - ")]
+    assert len(lines) == 3 and all(said.count(line.strip()) == 1 for line in lines), said
+
+    caplog.clear()
+    run_cfg = load_config("e2e", {"data.source": str(bad), "output_dir": str(tmp_path / "runs")})
+    paths = run_paths(run_cfg, "once")
+    data_steps.load(run_cfg, paths)
+    with pytest.raises(GateFailed) as failed:
+        data_steps.validate(run_cfg, paths)
+    assert all(str(failed.value).count(line.strip()) == 1 and line.strip() not in caplog.text for line in lines)

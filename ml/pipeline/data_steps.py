@@ -96,7 +96,8 @@ def validate(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) -
 
             tracking.log_failed_validation(tracking.connect(cfg.registry), cfg, run_key, paths,
                                            read_json(paths.snapshot))
-        raise GateFailed(report.summary())
+        raise GateFailed(report.summary())  # said once: by the CLI's error line or the failed task's log
+    log.info(report.summary())
     return {"success": True, "expectations": len(report.checks), "rows": report.rows,
             "truncated_share": report.truncated_share}
 

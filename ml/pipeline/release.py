@@ -10,11 +10,11 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ml import evaluation
-from ml.config import PipelineConfig
-from ml.errors import RegistryConflict
+from ml.config import PipelineConfig, load_config
+from ml.errors import ConfigError, RegistryConflict
 from ml.identity import adapter_hash
 from ml.promotion import Decision, Review, awaiting_approval, describe, overruled, reviewed
-from ml.review_card import config_changes, render, row_changes
+from ml.review_card import commands, config_changes, render, row_changes
 from ml.runs import RunPaths, read_champion, read_json, write_json
 
 if TYPE_CHECKING:
@@ -37,8 +37,6 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str,
     if links is not None:
         write_json(paths.links, links)
     client = tracking.connect(cfg.registry)
-    card = _review_card(client, cfg, paths, decision)
-    paths.card.write_text(card, encoding="utf-8")
     registered = registry.find_registered(client, cfg.registry, run_key, adapter)
     if registered:
         log.info("run %s already registered version %s; not registering again", run_key, registered.version)
@@ -53,6 +51,8 @@ def register(cfg: PipelineConfig, paths: RunPaths, run_key: str, tags: dict[str,
             registered = registry.publish(client, cfg, paths.trained.adapter, run_id, run_tags, test_metrics,
                                           datasets.get("test"))
     registry.tag_numbers(client, cfg.registry, registered.version, decision)
+    card = _review_card(client, cfg, paths, decision, registered.version)  # its commands name the version
+    paths.card.write_text(card, encoding="utf-8")
     registry.describe(client, cfg.registry, registered.version, card)
     write_json(paths.registered, asdict(registered))
     return asdict(registered)
@@ -98,7 +98,7 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
             champion.promote(client, reg, registered, decision, expected, run_key or paths.key)
         else:
             champion.keep(client, reg, registered, decision)
-    registry.describe(client, reg, registered.version, _review_card(client, cfg, paths, decision))
+    registry.describe(client, reg, registered.version, _review_card(client, cfg, paths, decision, registered.version))
     return _outcome(registered, decision)
 
 
@@ -115,7 +115,8 @@ def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         evaluation.redecide(paths, ev, decision)
     client = tracking.connect(cfg.registry)
     champion.keep(client, cfg.registry, registered, decision)
-    registry.describe(client, cfg.registry, registered.version, _review_card(client, cfg, paths, decision))
+    registry.describe(client, cfg.registry, registered.version,
+                      _review_card(client, cfg, paths, decision, registered.version))
     return _outcome(registered, decision)
 
 
@@ -158,8 +159,12 @@ def _evaluated_adapter(paths: RunPaths, ev: dict[str, Any]) -> str:
     return str(now)
 
 
-def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, decision: Decision) -> str:
-    """The version's review card (ml/review_card.py) from the run folder and the champion's run."""
+def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, decision: Decision,
+                 version: str) -> str:
+    """The version's review card (ml/review_card.py) from the run folder and the champion's run, ending
+    with the commands that roll back or promote this version in this registry."""
+    import mlflow
+
     from ml.tracking import run_params  # MLflow
 
     _, champ = read_champion(paths.champion)
@@ -168,7 +173,20 @@ def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, dec
         champ = None  # the card compares with the champion that was scored
     params = run_params(client, champ.run_id) if champ and champ.run_id else None
     links = read_json(paths.links) if paths.links.exists() else {}
+    undo = commands(mlflow.get_tracking_uri(), cfg.profile, version, _registry_sets(cfg))
     return render(asdict(decision), ev, read_json(paths.snapshot), read_json(paths.trained.result),
                   config_changes(cfg.flat(), params),
                   row_changes(read_json(paths.train_rows), champ.trained_rows if champ else None), links,
-                  awaiting_approval=cfg.registry.approval == "required")
+                  awaiting_approval=cfg.registry.approval == "required", undo=undo)
+
+
+def _registry_sets(cfg: PipelineConfig) -> dict[str, str]:
+    """The registry names this run set apart from its profile (the trigger form or --set), which the
+    CLI's commands must repeat to reach the same model and aliases."""
+    try:
+        profile = load_config(cfg.profile).registry
+    except ConfigError:  # a profile given as a path that is gone: name everything
+        profile = None
+    keys = ("model_name", "champion_alias", "previous_alias")
+    return {f"registry.{k}": getattr(cfg.registry, k) for k in keys
+            if profile is None or getattr(profile, k) != getattr(cfg.registry, k)}
