@@ -18,7 +18,6 @@ import pandas as pd
 from ml.config import LOCAL_SUFFIXES, DataConfig, resolve_path
 from ml.data import QAExample, Snapshot, canonical_records, to_example, write_snapshot
 from ml.errors import DataError
-from ml.hub import offline_note
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +109,8 @@ def _read_hub(cfg: DataConfig, source: str | None = None) -> list[dict[str, Any]
     The split is checked against the repository's before any data is read: a lone file's split
     is named after the file (`pubmedQA_test_translated.json` -> `test`)."""
     import datasets
+
+    from ml.hub import offline_note  # httpx and huggingface_hub: not for a file
 
     source = source or cfg.source
     # an unreachable hub: the local cache answers at once, not after retries per file
