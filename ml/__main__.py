@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import secrets
 import sys
+import textwrap
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +24,15 @@ from typing import Any
 import yaml
 
 from ml import configure_logging, pipeline
-from ml.config import PipelineConfig, available_profiles, load_config, parse_overrides, resolve_path
+from ml.config import (
+    DEFAULT_PROFILE,
+    PipelineConfig,
+    available_profiles,
+    load_config,
+    parse_overrides,
+    resolve_path,
+    tracking_uri,
+)
 from ml.errors import (
     ConfigError,
     DataError,
@@ -38,6 +48,9 @@ from ml.runs import RunPaths, run_paths
 from ml.settings_reference import reference_markdown
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # 1: the run failed (the gate, a diverged training)
+# Steps of a run that read or write the registry (validate: a failed gate is logged as a run). They refuse
+# before doing anything when no tracking URI is configured, not half-way (ml.config.tracking_uri).
+REGISTRY_STEPS = ("validate", "evaluate", "register", "promote", "keep")
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -115,6 +128,8 @@ def cmd_step(args: argparse.Namespace) -> int:
     step = args.command
     _needs_run_folder(step, paths, args)
     cfg = pipeline.freeze(cfg, paths, first=step == "load")  # load writes the run's config; later steps read it
+    if step in REGISTRY_STEPS:
+        tracking_uri(cfg.registry)
     if step == "load":
         _print(asdict(pipeline.load(cfg, paths)))
     elif step in ("validate", "register", "promote"):
@@ -138,6 +153,7 @@ def cmd_manual(args: argparse.Namespace) -> int:
     from ml import champion, tracking
 
     reg = _config(args).registry
+    tracking_uri(reg)  # before MLflow's import: refused at once
     version = None if args.command == "rollback" else str(args.version)
     action = "rollback" if version is None else "promotion"
     _print(champion.manual_move(tracking.connect(reg), reg, version, args.reason or "", action))
@@ -151,26 +167,51 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    _print(run_all(_config(args), args.run_key, force=args.force))
+    cfg = _config(args)
+    tracking_uri(cfg.registry)  # before the run folder is written (run_all checks it too, for other callers)
+    _print(run_all(cfg, args.run_key, force=args.force))
     return EXIT_OK
+
+
+def _now(variable: str) -> str:
+    """What an environment variable holds now, for a help text that names it as a default."""
+    value = os.environ.get(variable)
+    return f" (now {value!r})" if value else ""
+
+
+class _Help(argparse.HelpFormatter):
+    """Help lines wrapped at spaces only: a profile name (pubmedqa-ko-llama31-8b) stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser, with the help lines of `_Help`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--profile", help=f"profile name ({', '.join(available_profiles())}) or YAML path; "
-                                          "default $RETRAIN_PROFILE or the seed profile")
+                                          f"default: $RETRAIN_PROFILE{_now('RETRAIN_PROFILE')} if set, "
+                                          f"else {DEFAULT_PROFILE}")
     common.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set train.learning_rate=1e-4 (repeatable)")
     common.add_argument("--config", help="a resolved config (JSON) instead of --profile/--set")
-    run = argparse.ArgumentParser(add_help=False)
+    run = _Parser(add_help=False)
     # a timestamp and a random suffix: two runs started in the same second never share a folder
     default_key = f"cli-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     run.add_argument("--run-key", default=default_key,
                      help="names the run folder (default: a timestamp and a random suffix); reuse it to run "
                           "the steps of one run one by one")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     p = sub.add_parser("validate", parents=[common], help="run the data-quality gate on a dataset, or on a run's "
                                                           "snapshot (--run-key: the step between load and prepare)")

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from ml.config import resolve_path
 from ml.errors import ModelLoadError
+from ml.hub import use_hub
 from ml.identity import base_identity
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def current_identity(name: str, revision: str | None = None) -> str | None:
     ref = resolve(name, revision)
     if Path(ref).is_dir():
         return base_identity(name, ref, None, revision)
+    use_hub()
     try:
         commit: str | None = HfApi().model_info(name, revision=revision).sha
     except Exception:  # offline or unreachable: the commit a cached download came from
@@ -67,6 +69,7 @@ def resolve(name: str, revision: str | None = None) -> str:
         return str(convert_exaone(local, local.with_name(local.name + ".llama")) if _is_exaone(local) else local)
     if local.exists():
         return str(local)
+    use_hub()  # an unreachable hub: the local cache answers at once, not after retries
     try:  # a hub id: only EXAONE checkpoints need more than the id
         config = Path(hf_hub_download(name, "config.json", revision=revision))
     except Exception:  # offline or not a repository: from_pretrained reports it, naming the model

@@ -300,9 +300,11 @@ class GuardrailConfig(_Strict):
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description=(
-        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI). Credentials never stay here: the `user:password@` "
-        "of an http(s) URI (here or in $MLFLOW_TRACKING_URI) moves to MLFLOW_TRACKING_USERNAME/PASSWORD, where "
-        "MLflow reads them, so that no log, param or file shows them; another URI with credentials is refused."))
+        "MLflow tracking URI (null: $MLFLOW_TRACKING_URI; with neither, every step that reads or writes the "
+        "registry refuses to start instead of creating a local ./mlflow.db). Credentials never stay here: the "
+        "`user:password@` of an http(s) URI (here or in $MLFLOW_TRACKING_URI) moves to "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD, where MLflow reads them, so that no log, param or file shows them; "
+        "another URI with credentials is refused."))
     experiment: str = Field("pubmedqa-ko-lora", description=(
         "MLflow experiment of the runs (a name without quotes, '/', ':', '\\' or control characters, not "
         "starting with '.', at most 255 bytes)."))
@@ -540,6 +542,21 @@ def move_credentials(uri: str, refuse_others: bool = False) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+NO_TRACKING_URI = ("no MLflow registry to use: set registry.tracking_uri in the profile (or --set "
+                   "registry.tracking_uri=URI) or the environment's MLFLOW_TRACKING_URI")
+
+
+def tracking_uri(reg: RegistryConfig) -> str:
+    """The tracking URI every registry step uses: the profile's `registry.tracking_uri`, else
+    $MLFLOW_TRACKING_URI. With neither, refused (ConfigError): MLflow would fall back to ./mlflow.db
+    in the working directory, an empty registry created on the spot, where a rollback finds "no
+    version 2" of a model whose versions live elsewhere."""
+    uri = reg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        raise ConfigError(NO_TRACKING_URI)
+    return uri
+
+
 def profile_dirs() -> list[Path]:
     """$RETRAIN_PROFILES_DIR (a team's own profiles, searched first), then the shipped ones."""
     extra = os.environ.get("RETRAIN_PROFILES_DIR")
@@ -600,7 +617,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(profile: str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Profile (default: $RETRAIN_PROFILE or the production seed) + dotted overrides."""
+    """Profile (default: $RETRAIN_PROFILE, else DEFAULT_PROFILE) + dotted overrides."""
     name = profile or os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE
     raw = _resolved_profile(name)
     raw["profile"] = Path(name).stem if name.endswith((".yaml", ".yml")) else name  # "exaone-3.5-2.4b" has no suffix

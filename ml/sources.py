@@ -110,21 +110,25 @@ def _read_hub(cfg: DataConfig, source: str | None = None) -> list[dict[str, Any]
     is named after the file (`pubmedQA_test_translated.json` -> `test`)."""
     import datasets
 
+    from ml.hub import offline_note  # httpx and huggingface_hub: not for a file
+
     source = source or cfg.source
+    # an unreachable hub: the local cache answers at once, not after retries per file
+    offline = offline_note() if not cfg.is_local else ""
     datasets.disable_progress_bars()  # per-file bars flood task logs; this line and the row count say enough
     log.info("loading %s (split=%s, revision=%s) with the Hugging Face datasets loader",
              source, cfg.split, cfg.revision)
     try:
         splits = datasets.get_dataset_split_names(source, revision=cfg.revision)
     except Exception as exc:  # offline, missing repository, unreadable files: all surface here
-        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
+        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}{offline}") from exc
     if cfg.split not in splits:
         raise DataError(f"dataset {cfg.source!r} has no split {cfg.split!r}; its splits: {', '.join(splits)} "
                         "(set data.split)")
     try:
         ds = datasets.load_dataset(source, split=cfg.split, revision=cfg.revision)
     except Exception as exc:
-        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}") from exc
+        raise DataError(f"cannot load hub dataset {cfg.source!r} (split {cfg.split!r}): {exc}{offline}") from exc
     return [dict(r) for r in ds]
 
 

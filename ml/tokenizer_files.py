@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from ml.config import ModelConfig, resolve_path
 from ml.errors import ModelLoadError
+from ml.hub import offline_note, use_hub
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -107,18 +108,20 @@ def tokenizer_files(cfg: ModelConfig) -> TokenizerFiles:
         if folder.is_dir():
             path: Path | None = folder / name if (folder / name).exists() else None
         else:
+            use_hub()  # an unreachable hub: the local cache answers at once, not after retries
             try:
                 path = Path(hf_hub_download(cfg.base_model, name, revision=cfg.revision))
             except EntryNotFoundError:  # not in the repository (or, offline, not in the local cache)
                 path = None
             except Exception as exc:  # offline, no such repository: name the model
-                raise ModelLoadError(f"cannot read {name} of {cfg.base_model!r}: {exc}") from exc
+                raise ModelLoadError(f"cannot read {name} of {cfg.base_model!r}: {exc}{offline_note()}") from exc
         return path.read_text(encoding="utf-8") if path else None
 
     encoder = read("tokenizer.json")
     if encoder is None:
-        raise ModelLoadError(f"{cfg.base_model!r} has no tokenizer.json (or, offline, none in the local cache): "
-                             "the fit check needs a fast tokenizer's file (or set validation.check_fit: false)")
+        offline = "" if folder.is_dir() else offline_note()
+        raise ModelLoadError(f"{cfg.base_model!r} has no tokenizer.json{offline}: the fit check needs a fast "
+                             "tokenizer's file (or set validation.check_fit: false)")
     config = json.loads(read("tokenizer_config.json") or "{}")
     special_map = json.loads(read("special_tokens_map.json") or "{}")
     special = {k: t for k in SPECIAL if (t := _token(config.get(k)) or _token(special_map.get(k)))}

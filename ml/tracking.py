@@ -35,7 +35,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from ml.config import PipelineConfig, RegistryConfig, move_credentials, redact, resolve_path
+from ml.config import PipelineConfig, RegistryConfig, move_credentials, redact, resolve_path, tracking_uri
 from ml.data import read_split
 from ml.errors import RegistryUnavailable
 from ml.identity import adapter_hash, code_commit, config_hash
@@ -58,13 +58,13 @@ ADAPTER_TAG = "adapter_sha256"  # of the adapter a training run wrote, and a ver
 
 
 def connect(reg: RegistryConfig) -> MlflowClient:
-    """A client of the configured tracking server; the process's fluent MLflow calls use it too."""
+    """A client of the configured tracking server; the process's fluent MLflow calls use it too.
+    Without one configured, refused (ml.config.tracking_uri)."""
     # MLflow prints the URI it uses ("View run ... at: <uri>"): one with `user:password@`
     # ($MLFLOW_TRACKING_URI; the config's has none) goes on without, its credentials in the environment.
-    uri = reg.tracking_uri or mlflow.get_tracking_uri()
-    clean = move_credentials(uri)
-    if reg.tracking_uri or clean != uri:
-        mlflow.set_tracking_uri(clean)
+    # Always set, so that the fluent calls use the same URI as the client, never MLflow's own default
+    clean = move_credentials(tracking_uri(reg))
+    mlflow.set_tracking_uri(clean)
     # MLflow's own defaults wait 120 s per request and retry 7 times with backoff: minutes per call
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(reg.request_timeout_s)))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.request_retries)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -202,7 +203,24 @@ def main() -> int:
     print("\nLook at the same state in the UIs, one terminal each (each runs until Ctrl-C):\n"
           f"  make mlflow-ui{ui}    # MLflow: registry at http://127.0.0.1:5000/#/models (review cards)\n"
           f"  make airflow-ui{ui}   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
+    print(by_hand(demo, str(champion.version), [str(r[4]["version"]) for r in results]))
     return 0
+
+
+def by_hand(demo: Demo, champion: str, versions: list[str]) -> str:
+    """The commands that promote a version by hand and roll back, against this demo's registry: `python -m ml`
+    finds it only through its tracking URI (it refuses to guess one), so the commands carry it."""
+    from ml.config import redact
+
+    python = Path(sys.executable)
+    python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    prefix = f"MLFLOW_TRACKING_URI={shlex.quote(redact(os.environ['MLFLOW_TRACKING_URI']))} {python} -m ml"
+    others = [v for v in versions if v != champion]
+    lines = ["\nPromote a version by hand, or roll back, in this demo's registry (the commands name it):"]
+    if others:
+        lines.append(f"  {prefix} promote --profile {demo.profile} --version {others[-1]} --reason 'reviewed'")
+    lines.append(f"  {prefix} rollback --profile {demo.profile} --reason 'answers drift'   # to @previous_champion")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

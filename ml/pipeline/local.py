@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from ml import configure_logging
-from ml.config import PipelineConfig
+from ml.config import PipelineConfig, tracking_uri
 from ml.pipeline.data_steps import freeze, load, preflight, prepare, validate
 from ml.pipeline.evaluate_step import evaluate
 from ml.pipeline.release import keep, promote, register
@@ -35,6 +35,7 @@ def run_all(cfg: PipelineConfig, run_key: str, force: bool = False) -> dict[str,
     """Every step in order; the wall time of each comes back as `seconds`. Unless `force`, a run whose
     data and training settings equal the champion's stops after preflight. The gate's worker is
     spawned: a script calling this needs `if __name__ == "__main__":`."""
+    tracking_uri(cfg.registry)  # no registry configured: refused before the run folder is written
     paths = run_paths(cfg, run_key)
     cfg = freeze(cfg, paths, first=True)
     seconds: dict[str, float] = {}
