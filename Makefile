@@ -47,6 +47,7 @@ test-stack: install
 # The demo's state in the UIs (run `make demo` first). Local only: every user is admin, every
 # listener is on 127.0.0.1 (scripts/airflow_local.sh).
 mlflow-ui: install
+	@echo "MLflow's classic ML view: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO_STATE)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 airflow-ui: install

@@ -54,6 +54,7 @@ from mlflow_links import RUN_URL_KEY, VERSION_URL_KEY, run_url, version_url  # p
 from retrain_approval import ApprovalGate, Ask  # plugins/: a person's approval, human-in-the-loop
 from retrain_notifications import RetrainNotifier  # plugins/: who is told, through Airflow connections
 from retrain_schedule import OnTimeCronTimetable  # plugins/: the schedule, no missed time run late
+from run_notes import RUN_NOTE_KEY, note_line  # plugins/: the run's note, set when it ends
 
 # Only light modules at parse time; each step imports the ML stack it runs.
 from ml import pipeline
@@ -63,6 +64,7 @@ from ml.params import config_from_params, field_schema, param_schemas
 from ml.runs import run_paths
 
 DAG_ID = "retrain_lora"
+OUTCOME_WORDS = {"promote": "promoted", "keep": "kept the champion", "needs_review": "needs review"}  # run notes
 REGISTRY_POOL = "mlflow_registry"  # one slot: registry writes of concurrent runs one at a time
 
 DEFAULT = load_config(os.environ.get("RETRAIN_PROFILE") or DEFAULT_PROFILE)
@@ -169,6 +171,7 @@ def retrain_lora() -> None:
         reason = pipeline.preflight(cfg, paths, run_key, force=bool(ctx["params"].get("force")))
         if reason:
             ctx["ti"].xcom_push(key="skipped", value=reason)  # for the notification
+            ctx["ti"].xcom_push(key=RUN_NOTE_KEY, value=note_line("skipped", reason))
             raise AirflowSkipException(reason)
         return snapshot
 
@@ -178,6 +181,7 @@ def retrain_lora() -> None:
         try:
             return pipeline.validate(cfg, paths, run_key)
         except GateFailed as exc:  # no retry can fix bad data
+            get_current_context()["ti"].xcom_push(key=RUN_NOTE_KEY, value=note_line("gate failed", str(exc)))
             raise AirflowFailException(str(exc)) from None  # its lines once, not again as the cause
 
     @task
@@ -239,6 +243,9 @@ def retrain_lora() -> None:
               f"version {registered['version']} | {decision['reason']}")
         for line in decision["guardrail_lines"]:
             print(line)
+        get_current_context()["ti"].xcom_push(key=RUN_NOTE_KEY, value=note_line(
+            f"{OUTCOME_WORDS.get(decision['outcome'], decision['outcome'])} v{registered['version']}",
+            decision["reason"]))
         return {**{k: decision[k] for k in ("outcome", "reason", "challenger_loss", "baseline_loss", "baseline")},
                 "guardrails": decision["guardrail_lines"],
                 "model_name": cfg.registry.model_name,

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -55,6 +56,26 @@ logging.getLogger("mlflow").propagate = True
 RUN_KEY_TAG = "pipeline.run_key"
 STAGE_TAG = "pipeline.stage"  # training, validation (a failed gate), skipped
 ADAPTER_TAG = "adapter_sha256"  # of the adapter a training run wrote, and a version holds
+# The experiment's kind as MLflow records it (what its UI's kind selector writes): this is classic
+# model training, not a GenAI app. MLflow 3.17's UI chooses its view by the workflow switch instead
+# (`?workflowType=machine_learning` in a link, else the browser's last choice, GenAI by default:
+# plugins/mlflow_links.py puts it in every link); the tag is what the experiment itself says, read by
+# MLflow UIs that decide by the experiment (3.x before the switch, Databricks).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A run's decision as a column of the runs table: the `decision` tag (promoted, rejected,
+# needs_review, skipped, gate_failed) and the metric `promoted` (1 or 0), which sorts and charts.
+DECISION_TAG, PROMOTED_METRIC = "decision", "promoted"
+
+
+def run_title(profile: str, run_key: str, decision: str | None = None) -> str:
+    """An MLflow run's name, that tells runs apart in the runs table: the profile, the run's date
+    (and time, for a run not started at midnight: a manual trigger) from its run key (Airflow's run
+    ids hold it: `scheduled__2026-12-06T00:00:00+00:00`), today's UTC date for a key without one,
+    and the decision once known: `demo 2026-12-06 14:38 · promoted`."""
+    found = re.search(r"(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}))?", run_key)
+    when = (f"{found[1]}" + (f" {found[2]}" if found[2] and found[2] != "00:00" else "")) if found else \
+        datetime.now(UTC).strftime("%Y-%m-%d")
+    return f"{profile} {when}" + (f" · {decision.replace('_', ' ')}" if decision else "")
 
 
 def connect(reg: RegistryConfig) -> MlflowClient:
@@ -90,13 +111,16 @@ def check_writable(reg: RegistryConfig) -> MlflowClient:
 def ensure_experiment(client: MlflowClient, reg: RegistryConfig) -> str:
     exp = client.get_experiment_by_name(reg.experiment)
     if exp is not None:
+        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made before this tag, or by hand
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return str(exp.experiment_id)
     location = None
     if reg.artifact_location and not mlflow.get_tracking_uri().startswith(("http://", "https://")):
         # Local stores need an explicit home for artifacts; a server proxies its own.
         location = resolve_path(reg.artifact_location).as_uri()
     try:
-        return str(client.create_experiment(reg.experiment, artifact_location=location))
+        return str(client.create_experiment(reg.experiment, artifact_location=location, tags=EXPERIMENT_KIND))
     except MlflowException as exc:  # two runs started together on a new server: the other created it
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
@@ -110,10 +134,11 @@ def log_skipped(client: MlflowClient, cfg: PipelineConfig, run_key: str, reason:
                 snapshot: dict[str, Any]) -> str:
     """A finished run that says why this retrain did not train: nothing changed since the champion."""
     experiment_id = ensure_experiment(client, cfg.registry)
-    tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "skipped", "decision": "skipped", "decision_reason": reason,
+    tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "skipped", DECISION_TAG: "skipped", "decision_reason": reason,
             "data_fingerprint": snapshot["fingerprint"], "profile": cfg.profile, "mlflow.note.content": reason}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (skipped)", tags=tags) as run:
-        mlflow.log_metric("dataset_rows", snapshot["rows"])
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_title(cfg.profile, run_key, "skipped"),
+                          tags=tags) as run:
+        mlflow.log_metrics({"dataset_rows": snapshot["rows"], PROMOTED_METRIC: 0})
     return str(run.info.run_id)
 
 
@@ -123,10 +148,11 @@ def log_failed_validation(client: MlflowClient, cfg: PipelineConfig, run_key: st
 
     No model, no version: the registry itself is untouched."""
     experiment_id = ensure_experiment(client, cfg.registry)
-    tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "validation", "validation": "failed",
+    tags = {RUN_KEY_TAG: run_key, STAGE_TAG: "validation", "validation": "failed", DECISION_TAG: "gate_failed",
             "data_fingerprint": snapshot["fingerprint"], "data_source": snapshot["source"], "profile": cfg.profile}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{run_key} (gate failed)", tags=tags) as run:
-        mlflow.log_metric("dataset_rows", snapshot["rows"])
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_title(cfg.profile, run_key, "gate_failed"),
+                          tags=tags) as run:
+        mlflow.log_metrics({"dataset_rows": snapshot["rows"], PROMOTED_METRIC: 0})
         for report in sorted(paths.reports.glob(paths.validation.stem + ".*")):
             mlflow.log_artifact(str(report), "reports")
         mlflow.end_run(status="FAILED")
@@ -166,7 +192,8 @@ class TrainingRun:
 
     def __enter__(self) -> TrainingRun:
         experiment_id = ensure_experiment(self.client, self.cfg.registry)
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_key, log_system_metrics=False,
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_title(self.cfg.profile, self.run_key),
+                               log_system_metrics=False,
                                tags={RUN_KEY_TAG: self.run_key, STAGE_TAG: "training", "profile": self.cfg.profile})
         self.run_id = run.info.run_id
         # started and stopped here rather than by start_run/end_run: stopped even where the run's end is not taken
@@ -283,7 +310,7 @@ def evidence_run(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, run
     history = json.loads(paths.trained.history.read_text())
     # tagged from its first write, so that a retry finds what a killed attempt left (_close_abandoned)
     opened = (mlflow.start_run(run_id=training, log_system_metrics=False, tags=tags) if training else
-              mlflow.start_run(experiment_id=experiment_id, run_name=run_key, tags=tags))
+              mlflow.start_run(experiment_id=experiment_id, run_name=run_title(cfg.profile, run_key), tags=tags))
     with opened as run:
         run_id = run.info.run_id
         if training is None:  # trained without a supervising run: its params and curve from here
@@ -317,8 +344,12 @@ def runs_of(client: MlflowClient, reg: RegistryConfig, run_key: str) -> list[str
 
 def record_outcome(client: MlflowClient, run_id: str, outcome: str, decision: Decision) -> None:
     """What became of the run's version (promoted, rejected, needs_review), why, and each guardrail's
-    verdict, on the run."""
-    client.set_tag(run_id, "decision", outcome)
+    verdict, on the run; its name ends with the outcome, and its `promoted` metric says 1 or 0."""
+    tags = client.get_run(run_id).data.tags
+    if "profile" in tags and RUN_KEY_TAG in tags:  # the name it started with, and what became of it
+        client.set_tag(run_id, "mlflow.runName", run_title(tags["profile"], tags[RUN_KEY_TAG], outcome))
+    client.set_tag(run_id, DECISION_TAG, outcome)
+    client.log_metric(run_id, PROMOTED_METRIC, 1 if outcome == "promoted" else 0)
     client.set_tag(run_id, "decision_reason", decision.reason)
     if decision.guardrails:
         client.set_tag(run_id, "guardrails", "; ".join(f"{g.metric} {g.verdict}" for g in decision.guardrails))

@@ -7,7 +7,11 @@
   links to the Airflow run and its task logs.)
 
 The URL is the one people open in a browser (MLFLOW_UI_URL), which may differ from the tracking
-URI the workers use inside a network.
+URI the workers use inside a network. Every link asks for MLflow's classic machine-learning view
+(`ML_VIEW`): MLflow 3.17's UI opens an experiment, a run and the sidebar in the view of its
+workflow switch, taken from the link's `workflowType` or else from the browser's last choice, and
+GenAI by default (an empty traces dashboard, no runs table, no "Model registry" in the sidebar);
+it does not read the experiment's own kind tag (ml/tracking.py sets it all the same).
 """
 
 from __future__ import annotations
@@ -22,22 +26,28 @@ from airflow.serialization.definitions.operatorlink import XComOperatorLink
 
 MLFLOW_UI_URL = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 RUN_URL_KEY, VERSION_URL_KEY = "mlflow_run_url", "mlflow_version_url"
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(route: str) -> str:
+    """A page of MLflow's UI (`route`: its hash route, e.g. `/models`) in the classic ML view."""
+    return f"{MLFLOW_UI_URL}/#{route}?{ML_VIEW}"
 
 
 def run_url(run_id: str) -> str:
-    return f"{MLFLOW_UI_URL}/#/runs/{run_id}"  # MLflow's UI finds the experiment itself
+    return ui_url(f"/runs/{run_id}")  # MLflow's UI finds the experiment itself
 
 
 def version_url(model_name: str, version: str) -> str:
-    return f"{MLFLOW_UI_URL}/#/models/{model_name}/versions/{version}"
+    return ui_url(f"/models/{model_name}/versions/{version}")
 
 
 class MlflowLinksPlugin(AirflowPlugin):
     name = "mlflow_links"
     external_views = [
-        {"name": "MLflow model registry", "href": f"{MLFLOW_UI_URL}/#/models", "destination": "nav",
+        {"name": "MLflow model registry", "href": ui_url("/models"), "destination": "nav",
          "category": "browse"},
-        {"name": "MLflow experiments", "href": f"{MLFLOW_UI_URL}/#/experiments", "destination": "nav",
+        {"name": "MLflow experiments", "href": ui_url("/experiments"), "destination": "nav",
          "category": "browse"},
     ]
     global_operator_extra_links = [XComOperatorLink(name="MLflow run", xcom_key=RUN_URL_KEY),

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 from airflow.sdk import BaseNotifier, Connection
 from airflow.sdk.exceptions import AirflowNotFoundException
-from mlflow_links import MLFLOW_UI_URL
+from mlflow_links import version_url
 
 from ml.config import redact
 
@@ -91,7 +91,7 @@ def decision_message(context: Any) -> tuple[str, str]:
             f"Test loss per answer token: challenger {s['challenger_loss']:.4f} vs {s['baseline']} "
             f"{s['baseline_loss']:.4f}.\n{s['reason']}\n{guardrails}"
             f"Data: {s['data_source']} ({s['rows']} rows, fingerprint {s['fingerprint'][:12]}).\n"
-            f"MLflow: {MLFLOW_UI_URL}/#/models/{s['model_name']}/versions/{s['version']}\nLog: {ti.log_url}")
+            f"MLflow: {version_url(s['model_name'], s['version'])}\nLog: {ti.log_url}")
     return subject, body
 
 

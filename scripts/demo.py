@@ -194,6 +194,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias)
+    experiment = MlflowClient().get_run(champion.run_id).info.experiment_id
     print(f"\n@champion is now version {champion.version}.")
     print("\nWall time per stage (seconds):")
     for name, seconds in timings.items():
@@ -201,7 +202,9 @@ def main() -> int:
     (state / "timings.json").write_text(json.dumps(timings, indent=1))
     ui = "" if demo is TINY else f" DEMO={demo.state}"
     print("\nLook at the same state in the UIs, one terminal each (each runs until Ctrl-C):\n"
-          f"  make mlflow-ui{ui}    # MLflow: registry at http://127.0.0.1:5000/#/models (review cards)\n"
+          f"  make mlflow-ui{ui}    # MLflow (classic ML view, as plugins/mlflow_links.py links it):\n"
+          f"      runs      http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning\n"
+          f"      registry  http://127.0.0.1:5000/#/models?workflowType=machine_learning (review cards)\n"
           f"  make airflow-ui{ui}   # Airflow at http://127.0.0.1:8080 (DAG runs, task logs, trigger form)")
     print(by_hand(demo, str(champion.version), [str(r[4]["version"]) for r in results]))
     return 0

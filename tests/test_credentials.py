@@ -87,7 +87,8 @@ def test_a_run_with_a_password_in_its_tracking_uri_shows_it_nowhere(
             shown += [*run.data.params.values(), *run.data.tags.values()]
         for text in shown:
             assert PASSWORD not in text and IN_URI not in text, text
-        assert f"View run creds at: {server.url}/#/experiments/" in out  # MLflow's own lines were captured
+        # MLflow's own lines were captured (the run named by its profile and date: ml/tracking.py run_title)
+        assert f"View run {tracking.run_title('e2e', 'creds')} at: {server.url}/#/experiments/" in out
         assert [run.data.params["registry.tracking_uri"] for run in runs] == [server.url]
         files = [p for root in (paths.root, server.root) for p in root.rglob("*")
                  if p.is_file() and p.name != "basic_auth.ini"]  # the server's admin password, its own

@@ -28,6 +28,15 @@ def _run(dag: Any, **conf: Any) -> Any:
     return dag.test(run_conf={"profile": "e2e", **conf})
 
 
+def dag_run_note(dag_run: Any) -> str:
+    """The note Airflow shows on the run (plugins/run_notes.py sets it when the run ends)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return str(session.query(DagRun).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id).one().note)
+
+
 def _versions(client: Any) -> dict[str, Any]:
     return {v.version: v for v in client.search_model_versions(f"name='{MODEL}'")}
 
@@ -118,12 +127,12 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     links = {link.name: link for link in plugins_manager.get_global_operator_extra_links()}
     register = dag_run.get_task_instance("register")
     assert links["MLflow run"].get_link(retrain_dag.get_task("register"), ti_key=register.key).endswith(
-        f"/#/runs/{v1.run_id}")
+        f"/#/runs/{v1.run_id}?workflowType=machine_learning")  # MLflow's classic ML view, not GenAI's
     assert links["MLflow model version"].get_link(retrain_dag.get_task("register"), ti_key=register.key).endswith(
-        f"/#/models/{MODEL}/versions/1")
+        f"/#/models/{MODEL}/versions/1?workflowType=machine_learning")
     # the train task's button opens the same run, pushed when the run opened, before training started
     assert links["MLflow run"].get_link(retrain_dag.get_task("train"), ti_key=dag_run.get_task_instance("train").key) \
-        .endswith(f"/#/runs/{v1.run_id}")
+        .endswith(f"/#/runs/{v1.run_id}?workflowType=machine_learning")
     assert links["MLflow model version"].get_link(retrain_dag.get_task("evaluate"),
                                                   ti_key=dag_run.get_task_instance("evaluate").key) == ""
     # people were told, by e-mail (to both recipients) and on the webhook: the decision, both losses, the link
@@ -132,7 +141,7 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     for text in (mail, post):
         assert f"retrain_lora: PROMOTED - {MODEL} v1" in text and dag_run.run_id in text
         assert f"challenger {float(v1.tags['challenger_loss']):.4f} vs base model" in text
-        assert f"/#/models/{MODEL}/versions/1" in text and "improvement +" in text
+        assert f"/#/models/{MODEL}/versions/1?workflowType=machine_learning" in text and "improvement +" in text
     assert v1.tags["decision"] == "promoted" and v1.tags["baseline"] == "base model"
     # few tags on the version (the card says the rest); its run has them all
     from ml import registry
@@ -144,7 +153,11 @@ def test_first_run_promotes_over_the_base_model(retrain_dag: Any, tiny_model: Pa
     run = client.get_run(v1.run_id)
     assert run.data.params["train.max_steps"] == "30" and run.data.params["lora.r"] == "16"
     assert run.data.tags["airflow.run_id"] == dag_run.run_id and len(run.data.tags["data_fingerprint"]) == 64
-    assert run.data.tags["decision"] == "promoted"
+    assert run.data.tags["decision"] == "promoted" and run.data.metrics["promoted"] == 1
+    # runs told apart in MLflow's runs table and in Airflow's runs list: profile, run date, decision
+    day = dag_run.run_id.split("__")[1][:10]
+    assert run.info.run_name.startswith(f"e2e {day} ") and run.info.run_name.endswith(" · promoted")
+    assert dag_run_note(dag_run).startswith(f"promoted v1: challenger {float(v1.tags['challenger_loss']):.4f}")
     # the curve reached MLflow while the train task ran, each point with its step and time
     curve = client.get_metric_history(run.info.run_id, "train_loss")
     train_task = dag_run.get_task_instance("train")
@@ -222,7 +235,11 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert v3.tags["decision"] == "rejected" and v3.tags["baseline"] == "champion v2"
     assert float(v3.tags["challenger_loss"]) > float(v3.tags["baseline_loss"])
     assert _alias(client, "champion") == "2" and _alias(client, "previous_champion") == "1"
-    assert client.get_run(v3.run_id).data.tags["decision"] == "rejected"
+    run3 = client.get_run(v3.run_id)
+    assert run3.data.tags["decision"] == "rejected" and run3.data.metrics["promoted"] == 0
+    assert run3.info.run_name.startswith("e2e-lr0 ") and run3.info.run_name.endswith(" · rejected")
+    assert dag_run_note(dag_run).startswith("kept the champion v3: ") and "does not beat champion v2" in \
+        dag_run_note(dag_run)
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["keep_champion"] == "success" and states["promote_champion"] == "skipped"
     assert client.get_model_version(MODEL, "3").description.startswith("Kept out")
@@ -243,6 +260,8 @@ def test_a_run_with_the_champions_data_and_config_is_skipped(retrain_dag: Any, c
     (note,) = client.search_runs([exp.experiment_id], f"tags.`pipeline.run_key` = 'retrain_lora__{dag_run.run_id}'")
     assert note.data.tags["decision"] == "skipped" and "nothing changed since champion v2" in \
         note.data.tags["decision_reason"]
+    assert note.info.run_name.endswith(" · skipped") and note.data.metrics["promoted"] == 0
+    assert dag_run_note(dag_run).startswith("skipped: nothing changed since champion v2")
 
 
 def test_a_rejected_version_cannot_be_promoted(client: Any) -> None:
@@ -279,6 +298,8 @@ def test_failed_gate_stops_the_run_and_leaves_the_registry_alone(
     exp = client.get_experiment_by_name("e2e")
     (run,) = client.search_runs([exp.experiment_id], "tags.validation = 'failed'")
     assert run.info.status == "FAILED" and run.data.tags["pipeline.stage"] == "validation"
+    assert run.info.run_name.endswith(" · gate failed") and run.data.tags["decision"] == "gate_failed"
+    assert dag_run_note(dag_run).startswith("gate failed: ")
     assert run.data.tags["pipeline.run_key"] == f"retrain_lora__{dag_run.run_id}"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "reports")} == {
         "reports/validation.json", "reports/validation.html"}
