@@ -300,7 +300,11 @@ def test_what_the_form_cannot_say_fails_the_first_task_with_one_line(dag: Any, c
     """A path outside `form_roots` passes the schema (a string): `load` refuses it with the config's one
     line, as a failure of its own (no retry), whose only traceback is Airflow's task runner: no frame of
     ml/ or pydantic; nothing after it runs."""
-    run = dag.test(run_conf={"profile": "e2e", "dataset": "/etc/hostname"})
+    from airflow.dag_processing.dagbag import DagBag
+
+    # a DAG of its own: dag.test() leaves its run_conf in the DAG's params, which later tests share
+    own = DagBag(dag_folder=str(ROOT / "dags")).get_dag("retrain_lora")
+    run = own.test(run_conf={"profile": "e2e", "dataset": "/etc/hostname"})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert run.state == "failed" and states["load"] == "failed"
     assert all(state in ("upstream_failed", "skipped") for task, state in states.items() if task != "load"), states

@@ -237,7 +237,7 @@ def test_worse_challenger_is_rejected_and_the_alias_stays(retrain_dag: Any, clie
     assert _alias(client, "champion") == "2" and _alias(client, "previous_champion") == "1"
     run3 = client.get_run(v3.run_id)
     assert run3.data.tags["decision"] == "rejected" and run3.data.metrics["promoted"] == 0
-    assert run3.info.run_name.startswith("e2e-lr0 ") and run3.info.run_name.endswith(" · rejected")
+    assert run3.info.run_name.startswith("e2e-tiny-lr ") and run3.info.run_name.endswith(" · rejected")
     assert dag_run_note(dag_run).startswith("kept the champion v3: ") and "does not beat champion v2" in \
         dag_run_note(dag_run)
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
