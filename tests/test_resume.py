@@ -87,7 +87,7 @@ def test_the_dag_sends_training_to_the_gpu_queue_with_a_retry(retrain_dag: Any) 
 
 
 def test_a_trainer_past_its_time_limit_is_stopped_and_fails_naming_the_limit(
-        tiny_model: Path, tmp_path: Path) -> None:
+        tiny_model: Path, tracking: str, tmp_path: Path) -> None:
     """The limit is set below the time imports alone take: the child is stopped, none is left."""
     cfg = load_config("e2e", {"output_dir": str(tmp_path), "train.max_steps": 1000,
                               "train.timeout_per_step_s": 0.001, "train.timeout_startup_s": 3})
