@@ -89,6 +89,7 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         pad_to_multiple_of=t.pad_to_multiple_of, optim=t.optim, loss_head=loss_head, fraction=t.gpu_memory_fraction)
     log.info("activation layout: %s", layout.reason)
     write_json(files.layout, asdict(layout))  # the train step logs it as the run's params
+    speed.warn_padding_free(t.padding_free, model)
 
     fmt = PromptFormat.from_config(cfg)
     train_rows = encode_all(tokenizer, read_split(splits_dir, "train"), fmt)

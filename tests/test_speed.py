@@ -312,3 +312,26 @@ def test_an_internal_that_an_upgrade_renamed_is_named(
     with pytest.raises(RuntimeError, match="trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE_V2 is gone"):
         speed.internal("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE_V2")
 
+
+
+def test_padding_free_without_a_varlen_attention_kernel_warns_with_its_measured_cost(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    installed: set[str] = set()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else (None if name in speed.VARLEN_PACKAGES
+                                                                             else real(name, *a)))
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    with caplog.at_level(logging.WARNING, logger="ml"):
+        assert speed.warn_padding_free(True, sdpa)
+    assert caplog.text.count("train.padding_free=true without a variable-length attention kernel") == 1
+    assert "3,689 against 10,520 tokens/s" in caplog.text and "attention sdpa" in caplog.text
+    caplog.clear()
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert not speed.warn_padding_free(True, flash)  # the model runs a FlashAttention variant
+    assert not speed.warn_padding_free(False, sdpa) and not speed.warn_padding_free(None, sdpa)  # padded batches
+    installed.add("flash_attn")
+    assert not speed.warn_padding_free(True, sdpa) and speed.varlen_attention(sdpa) == "flash_attn"
+    assert not caplog.text
