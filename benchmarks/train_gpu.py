@@ -17,7 +17,9 @@ One variant per process (Unsloth patches transformers globally).
 
 Prints one 'RESULT {json}' line and writes $OUT/train_<variant>.json with
 non-padding tokens/s and median step time after 2 warm-up steps, peak GPU
-memory, model FLOPs utilisation (6 x 8.03e9 FLOPs per token) and the loss curve.
+memory, model FLOPs utilisation against 6N and against 4N FLOPs per token (LoRA over a frozen base
+without recompute: forward 2N, input gradients 2N; docs/gpu.md), the activation layout the trainer
+chose (`train.uncheckpointed_layers: auto`) with its planned peak, and the loss curve.
 `--profile A:B` runs torch.profiler over optimizer steps A..B and adds how busy
 the GPU was (kernel time / wall time) and the top kernels and CPU ops;
 `--sync-debug A:B` counts the host<-GPU synchronisations per step by source line.
@@ -57,8 +59,10 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     # ... and length-grouped batches, as the default (same examples per step, another order)
     "seed_unsloth_fast": (SEED, {"train.backend": "unsloth", "train.group_by_length": True}),
     # the shipped default profile as it is (12 x 1, length-grouped, padded to multiples of
-    # 64, the last 12 layers uncheckpointed), on Unsloth
+    # 64, as many layers uncheckpointed as the card holds: `auto`), on Unsloth
     "default": (DEFAULT, {"train.backend": "unsloth"}),
+    # ... with the layout shipped before issue 31: the last 12 layers uncheckpointed
+    "default_fixed12": (DEFAULT, {"train.backend": "unsloth", "train.uncheckpointed_layers": 12}),
     # ... with Unsloth's padding-free batching instead of padding
     "default_padfree": (DEFAULT, {"train.backend": "unsloth", "train.padding_free": True}),
     # the EXAONE profile as it is (batch 1, lr 1e-5, AdamW, 10 % warm-up, bf16 LoRA)
@@ -311,9 +315,12 @@ def main() -> int:
         "runtime_s": round(result.runtime_s, 1),
         "convert_s": round(convert_s, 1), "params": params,
         **{f"mfu_{k}": round(tps * 6 * params / v, 3) for k, v in PEAK_FLOPS.items()},
+        **{f"mfu4n_{k}": round(tps * 4 * params / v, 3) for k, v in PEAK_FLOPS.items()},
         "truncated_train_examples": result.truncated_examples, "train_examples": result.train_examples,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
-        "uncheckpointed_layers": cfg.train.uncheckpointed_layers,
+        "uncheckpointed_layers_setting": cfg.train.uncheckpointed_layers,
+        "uncheckpointed_layers": result.uncheckpointed_layers, "planned_peak_gib": result.planned_peak_gib,
+        "gpu_memory_fraction": cfg.train.gpu_memory_fraction,
         # batches whose rows all lost their answer to truncation: zero loss, zero gradient, yet a step
         "steps_without_answer_tokens": sum(1 for r in history if r.get("loss") == 0 and r.get("grad_norm") == 0),
         "loss": [round(r["loss"], 4) for r in history if "loss" in r], **report,

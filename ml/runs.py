@@ -52,6 +52,11 @@ class TrainFiles:
         return self.root / "log_history.json"
 
     @property
+    def layout(self) -> Path:
+        """The activation layout chosen before step 1 (ml.speed.Layout): what the train step logs as params."""
+        return self.root / "memory_layout.json"
+
+    @property
     def metrics(self) -> Path:
         """Each logged record as a JSON line, appended while training: what the train step relays to MLflow."""
         return self.root / "metrics.jsonl"

@@ -8,6 +8,9 @@ The recipe (ml/train.py) builds TRL's SFTTrainer with these parts:
                           evaluation and checkpoint time
   selective_checkpointing train.uncheckpointed_layers: the last N decoder layers keep their
                           activations instead of recomputing them (faster, more memory)
+  plan_activations        train.uncheckpointed_layers=auto: N planned from the GPU's free memory
+                          (ml/memory_plan.py), or a failure before training when nothing fits;
+                          train.gpu_memory_fraction caps the process's share of the card
   ProjectSFTTrainer       train.loss_head: TRL's fused LM head on the host-found positions, its
                           metrics read from the GPU once per logging step
   loop_args               SFTConfig fields that keep the loop from waiting for the GPU
@@ -28,6 +31,7 @@ import importlib
 import importlib.util
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTTrainer  # Unsloth's subclass when Unsloth was imported first (ml.backend)
+
+from ml import memory_plan
+from ml.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +247,104 @@ def selective_checkpointing(num_layers: int, checkpointing: str, backend: str) -
                  "activations per layer, so it checkpoints every layer", num_layers)
         return []
     return [SelectiveCheckpointing(num_layers)]
+
+
+def cap_gpu_memory(fraction: float | None) -> None:
+    """`train.gpu_memory_fraction`: the caching allocator of this process stops at that share of the card."""
+    if fraction is not None and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        log.info("GPU memory capped at %.0f %% of the card (%.1f GiB): train.gpu_memory_fraction", 100 * fraction,
+                 fraction * torch.cuda.get_device_properties(0).total_memory / 2**30)
+
+
+def usable_gpu_bytes(fraction: float | None) -> int:
+    """What this process may hold on the GPU in all: the free memory and what it holds already (its
+    allocator's reserve), at most `fraction` of the card when the allocator is capped."""
+    free, total = torch.cuda.mem_get_info()
+    usable = free + torch.cuda.memory_reserved()
+    return int(min(usable, fraction * total)) if fraction is not None else int(usable)
+
+
+def model_shape(model: Any) -> memory_plan.ModelShape:
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    return memory_plan.ModelShape(
+        text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
+        getattr(text, "num_key_value_heads", None) or heads, text.vocab_size,
+        bool(getattr(text, "tie_word_embeddings", False)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which decoder layers keep their activations, and why: logged, and written beside the result."""
+    uncheckpointed_layers: int
+    reason: str
+    planned_peak_gib: float | None = None
+    usable_gib: float | None = None
+
+
+def plan_activations(requested: int | str, *, model: Any, backend: str, checkpointing: str, batch_size: int,
+                     max_seq_length: int, pad_to_multiple_of: int | None, optim: str, loss_head: str,
+                     fraction: float | None) -> Layout:
+    """`train.uncheckpointed_layers` resolved before step 1. `auto` on CUDA with the unsloth backend plans
+    from the memory this process may use (ml/memory_plan.py) for the longest micro-batch the data can
+    produce; a plan that fits with no layer kept (every layer recomputed) raises ConfigError, naming the
+    settings to lower. Elsewhere `auto` is 0 (the CPU: nothing to plan; hf: every layer checkpointed), and
+    a fixed number is used as given (on CUDA with its estimated peak, warned when over the memory)."""
+    if not torch.cuda.is_available() or backend != "unsloth":
+        fixed = 0 if requested == "auto" else int(requested)
+        where = "no GPU" if not torch.cuda.is_available() else f"the {backend} backend"
+        return Layout(fixed, f"train.uncheckpointed_layers={requested}: {fixed} ({where}: not planned)")
+    shape = model_shape(model)
+    batch = memory_plan.Batch(batch_size, max_seq_length, pad_to_multiple_of)
+    usable = usable_gpu_bytes(fraction)
+    kw = {"weights_bytes": torch.cuda.memory_allocated(),  # the model as loaded, its LoRA weights included
+          "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+          "optimizer": "8bit" if "8bit" in optim else "fp32", "checkpointing": checkpointing,
+          "full_logits": loss_head == "model"}
+    plan = memory_plan.plan_layout(usable, shape, batch, **kw)  # type: ignore[arg-type]
+    if not plan.fits:
+        raise ConfigError(
+            f"the training does not fit this GPU: {plan.reason}. Lower train.per_device_train_batch_size "
+            "(raising train.gradient_accumulation_steps keeps the examples per optimizer step) or "
+            "model.max_seq_length" + (", or set train.gradient_checkpointing" if checkpointing == "false" else "")
+            + (f", or raise train.gpu_memory_fraction ({fraction})" if fraction is not None else ""))
+    if requested == "auto":
+        return Layout(plan.kept_layers, f"train.uncheckpointed_layers=auto: {plan.reason}",
+                      round(plan.peak_gib, 2), round(usable / 2**30, 2))
+    fixed = int(requested)
+    peak = memory_plan.peak_bytes(shape, batch, min(fixed, shape.num_layers), **kw) / 2**30  # type: ignore[arg-type]
+    room = (usable - plan.margin_bytes) / 2**30
+    if peak > room:
+        log.warning("train.uncheckpointed_layers=%d may not fit: about %.1f GiB at the longest micro-batch, "
+                    "%.1f GiB usable less the margin; `auto` would keep %d", fixed, peak, room, plan.kept_layers)
+    return Layout(fixed, f"train.uncheckpointed_layers={fixed} (as set): about {peak:.1f} GiB at the longest "
+                  f"micro-batch; auto would keep {plan.kept_layers}", round(peak, 2), round(usable / 2**30, 2))
+
+
+VARLEN_PACKAGES = ("flash_attn", "flash_attn_interface")  # FlashAttention 2, FlashAttention 3 (Hopper)
+
+
+def varlen_attention(model: Any) -> str | None:
+    """The variable-length attention kernel a padding-free batch can use here, or None: an installed
+    FlashAttention package, or a FlashAttention variant as the model's attention implementation."""
+    for package in VARLEN_PACKAGES:
+        if importlib.util.find_spec(package) is not None:
+            return package
+    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+    return implementation if "flash" in implementation else None
+
+
+def warn_padding_free(padding_free: bool | None, model: Any) -> bool:
+    """`train.padding_free: true` without a variable-length attention kernel: a warning with its measured
+    cost (it changes no update, so it is not refused). Returns whether it warned."""
+    if not padding_free or varlen_attention(model) is not None:
+        return False
+    log.warning("train.padding_free=true without a variable-length attention kernel (no flash_attn installed, "
+                "attention %s): padding-free batches ran 3x slower on an H100 (3,689 against 10,520 tokens/s "
+                "padded, docs/benchmarks.md). Set train.padding_free=false, or install flash-attn",
+                getattr(getattr(model, "config", None), "_attn_implementation", None) or "unknown")
+    return True
 
 
 def resolve_loss_head(requested: str, cuda: bool) -> str:

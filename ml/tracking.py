@@ -32,7 +32,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -187,6 +187,7 @@ class TrainingRun:
                  every_s: float = 2.0) -> None:
         self.client, self.cfg, self.run_key, self.every_s = client, cfg, run_key, every_s
         self.file, self.adapter = TrainFiles(train_dir).metrics, TrainFiles(train_dir).adapter
+        self.layout, self.layout_logged = TrainFiles(train_dir).layout, False
         self.offset, self.stop, self.thread = 0, threading.Event(), threading.Thread(target=self._poll, daemon=True)
         self.run_id = ""
 
@@ -202,11 +203,18 @@ class TrainingRun:
         mlflow.log_params({k: param_value(v) for k, v in self.cfg.flat().items()})
         # an earlier attempt's records are not this run's (and the trainer starts the file anew)
         self.file.unlink(missing_ok=True)
+        self.layout.unlink(missing_ok=True)
         self.thread.start()
         return self
 
     def relay(self) -> None:
-        """What the trainer appended since the last call, as metrics of the run."""
+        """What the trainer appended since the last call, as metrics of the run; the activation layout it
+        chose before step 1 (`train.uncheckpointed_layers: auto`), once, as params `train.layout.*`."""
+        if not self.layout_logged and self.layout.exists():
+            layout = json.loads(self.layout.read_text(encoding="utf-8"))
+            self.client.log_batch(self.run_id, params=[Param(f"train.layout.{k}", param_value(v))
+                                                        for k, v in layout.items()])
+            self.layout_logged = True
         if not self.file.exists():
             return
         if self.file.stat().st_size < self.offset:  # started anew under us: read it from its start

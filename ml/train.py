@@ -59,6 +59,8 @@ class TrainResult:
     tokens_per_s: float | None = None  # non-padding tokens per second, after the first steps
     step_s: float | None = None  # median optimizer-step time, after the first steps
     peak_gpu_gib: float | None = None
+    uncheckpointed_layers: int | None = None  # the layout trained with (train.uncheckpointed_layers resolved)
+    planned_peak_gib: float | None = None  # the planner's estimate of peak_gpu_gib
 
     @classmethod
     def read(cls, out_dir: Path) -> TrainResult:
@@ -77,8 +79,17 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
     log.info("backend=%s base_model=%s lr=%g steps=%d batch=%dx%d", backend, cfg.model.base_model,
              t.learning_rate, t.max_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
+    speed.cap_gpu_memory(t.gpu_memory_fraction)  # before the model: the planner plans within the cap
 
     model, tokenizer, peft_config = load_for_training(cfg, backend)
+    loss_head = speed.resolve_loss_head(t.loss_head, cuda)
+    layout = speed.plan_activations(  # before the data and the trainer: a plan that does not fit fails here
+        t.uncheckpointed_layers, model=model, backend=backend, checkpointing=t.gradient_checkpointing,
+        batch_size=t.per_device_train_batch_size, max_seq_length=cfg.model.max_seq_length,
+        pad_to_multiple_of=t.pad_to_multiple_of, optim=t.optim, loss_head=loss_head, fraction=t.gpu_memory_fraction)
+    log.info("activation layout: %s", layout.reason)
+    write_json(files.layout, asdict(layout))  # the train step logs it as the run's params
+    speed.warn_padding_free(t.padding_free, model)
 
     fmt = PromptFormat.from_config(cfg)
     train_rows = encode_all(tokenizer, read_split(splits_dir, "train"), fmt)
@@ -93,9 +104,8 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
 
     args = sft_config(cfg, backend, out_dir, cuda, evaluate=bool(eval_rows))
 
-    loss_head = speed.resolve_loss_head(t.loss_head, cuda)
     log.info("loss: %s", {"trl": "TRL's fused LM head", "model": "the model's own forward with labels"}[loss_head])
-    checkpointing = speed.selective_checkpointing(t.uncheckpointed_layers, t.gradient_checkpointing, backend)
+    checkpointing = speed.selective_checkpointing(layout.uncheckpointed_layers, t.gradient_checkpointing, backend)
     trainer = speed.ProjectSFTTrainer(
         model=model, args=args, train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
@@ -125,7 +135,7 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         str(files.adapter), backend, trainer.state.global_step, float(output.training_loss), eval_loss,
         time.perf_counter() - t0, len(train_rows), truncated, str(files.history),
         int(resume.name.rsplit("-", 1)[1]) if resume else None, meter.tokens_per_s(), meter.step_s(),
-        speed.peak_gpu_gib())
+        speed.peak_gpu_gib(), layout.uncheckpointed_layers, layout.planned_peak_gib)
     write_json(files.result, asdict(result))  # whole or not at all: a retry reads it (finished_training)
     shutil.rmtree(files.checkpoints, ignore_errors=True)  # the adapter is written: no retry needs them
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,

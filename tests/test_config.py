@@ -40,7 +40,7 @@ def test_shipped_default_keeps_the_seed_optimisation_in_a_faster_shape() -> None
     per_step = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps  # noqa: E731
     assert per_step(default.train) == per_step(seed.train) == 12
     assert default.train.group_by_length and default.train.padding_free is False
-    assert (default.train.pad_to_multiple_of, default.train.uncheckpointed_layers) == (64, 12)
+    assert (default.train.pad_to_multiple_of, default.train.uncheckpointed_layers) == (64, "auto")
     # the seed's batches and order, with the two options that change no update (lengths in steps of
     # 64, no recompute: tested in test_train_eval); the default uses them too
     assert (seed.train.pad_to_multiple_of, seed.train.uncheckpointed_layers) == (64, 32)
@@ -264,7 +264,8 @@ OTHER_VALUE = {"registry.confidence": 0.9, "validation.script_mostly": 0.5, "dat
                "data.id_column": "PMID", "data.revision": "v2", "model.revision": "v2", "lora.top_k_layers": 2,
                "registry.tracking_uri": "sqlite:///elsewhere.db", "registry.artifact_location": "elsewhere",
                "train.padding_free": True, "validation.script": "latin", "train.warmup_ratio": 0.1,
-               "lora.dropout": 0.1, "registry.guardrails": []}
+               "lora.dropout": 0.1, "registry.guardrails": [], "train.uncheckpointed_layers": 12,
+               "train.gpu_memory_fraction": 0.3}
 
 
 def _other(dotted: str, value: Any) -> Any:

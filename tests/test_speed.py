@@ -73,10 +73,90 @@ def test_selective_checkpointing_is_applied_at_train_begin_and_only_by_unsloth(
 
     caplog.clear()  # the hf backend (here, on the CPU) leaves every layer checkpointed, and says so
     with caplog.at_level(logging.INFO, logger="ml"):
-        _trained(tmp_path, **{"train.max_steps": 2, "eval.eval_steps": 100, "train.isolate": False,
-                              "train.uncheckpointed_layers": 1})
+        cfg, paths, result = _trained(tmp_path, **{"train.max_steps": 2, "eval.eval_steps": 100,
+                                                   "train.isolate": False, "train.uncheckpointed_layers": 1})
     assert "uncheckpointed_layers=1 is for the unsloth backend" in caplog.text
     assert "selective checkpointing:" not in caplog.text
+    # the layout is in the trainer's first lines, its result, and the MLflow run's params
+    assert "activation layout: train.uncheckpointed_layers=1: 1 (no GPU: not planned)" in caplog.text
+    assert (result.uncheckpointed_layers, result.planned_peak_gib) == (1, None)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.registry.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`pipeline.stage` = 'training'")
+    assert [r.data.params["train.layout.uncheckpointed_layers"] for r in runs] == ["1"]
+    assert runs[0].data.params["train.layout.reason"].startswith("train.uncheckpointed_layers=1")
+
+
+class _FakeModel:
+    """What plan_activations reads of a loaded model: its text config and its trainable parameters."""
+
+    def __init__(self, layers: int = 32, hidden: int = 4096, intermediate: int = 14336, trainable: int = 41_943_040):
+        text = SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                               tie_word_embeddings=False)
+        self.config = SimpleNamespace(get_text_config=lambda: text)
+        self.trainable = trainable
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [torch.empty(self.trainable, dtype=torch.int8, device="meta").requires_grad_(False),
+                torch.empty(self.trainable, device="meta", requires_grad=True)]
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, free_gib: float, total_gib: float = 80.0,
+               weights_gib: float = 5.5) -> None:
+    """An H100 whose free memory and resident weights are as given (the planner's only view of it)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * gib), int(total_gib * gib)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(weights_gib * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: int(weights_gib * gib))
+
+
+def _plan_default(**kw: Any) -> speed.Layout:
+    args: dict[str, Any] = {"model": _FakeModel(), "backend": "unsloth", "checkpointing": "unsloth", "batch_size": 12,
+                            "max_seq_length": 512, "pad_to_multiple_of": 64, "optim": "adamw_8bit",
+                            "loss_head": "trl", "fraction": None}
+    args.update(kw)
+    requested = args.pop("requested", "auto")
+    return speed.plan_activations(requested, **args)
+
+
+def test_auto_keeps_no_layer_on_the_cpu_and_a_fixed_number_is_used_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _plan_default().uncheckpointed_layers == 0
+    assert _plan_default(requested=12).uncheckpointed_layers == 12
+    _fake_cuda(monkeypatch, free_gib=70)
+    assert _plan_default(backend="hf").uncheckpointed_layers == 0  # hf checkpoints every layer
+
+
+def test_auto_plans_from_the_gpus_free_memory_and_honours_the_memory_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, free_gib=74)  # an H100 with the 8B loaded
+    whole = _plan_default()
+    assert whole.uncheckpointed_layers == 32 and whole.usable_gib == pytest.approx(79.5)
+    assert whole.planned_peak_gib is not None and whole.planned_peak_gib < 0.9 * 79.5
+    capped = _plan_default(fraction=0.3)  # a 24 GB card simulated: 24 GiB
+    assert capped.usable_gib == pytest.approx(24.0)
+    assert 12 < capped.uncheckpointed_layers < 32, capped.reason
+    assert "train.uncheckpointed_layers=auto: " in capped.reason
+    # a fixed number is kept as set, with its estimate and what auto would keep
+    fixed = _plan_default(requested=12, fraction=0.3)
+    assert fixed.uncheckpointed_layers == 12 and f"auto would keep {capped.uncheckpointed_layers}" in fixed.reason
+
+
+def test_a_plan_that_does_not_fit_fails_before_training_naming_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ml.errors import ConfigError
+
+    _fake_cuda(monkeypatch, free_gib=74)
+    with pytest.raises(ConfigError) as caught:  # 10 GiB: the weights and one checkpointed batch of 96 x 512 do not fit
+        _plan_default(batch_size=96, fraction=0.125)
+    message = str(caught.value)
+    assert "does not fit this GPU" in message and "even with every layer recomputed" in message
+    assert "train.per_device_train_batch_size" in message and "model.max_seq_length" in message
+    assert "train.gpu_memory_fraction" in message
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):  # no recompute: every layer kept
+        _plan_default(checkpointing="false", fraction=0.3)
 
 
 def test_tokens_and_loss_positions_are_read_on_the_host(tiny_model: Path) -> None:
@@ -232,3 +312,26 @@ def test_an_internal_that_an_upgrade_renamed_is_named(
     with pytest.raises(RuntimeError, match="trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE_V2 is gone"):
         speed.internal("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE_V2")
 
+
+
+def test_padding_free_without_a_varlen_attention_kernel_warns_with_its_measured_cost(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    installed: set[str] = set()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else (None if name in speed.VARLEN_PACKAGES
+                                                                             else real(name, *a)))
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    with caplog.at_level(logging.WARNING, logger="ml"):
+        assert speed.warn_padding_free(True, sdpa)
+    assert caplog.text.count("train.padding_free=true without a variable-length attention kernel") == 1
+    assert "3,689 against 10,520 tokens/s" in caplog.text and "attention sdpa" in caplog.text
+    caplog.clear()
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert not speed.warn_padding_free(True, flash)  # the model runs a FlashAttention variant
+    assert not speed.warn_padding_free(False, sdpa) and not speed.warn_padding_free(None, sdpa)  # padded batches
+    installed.add("flash_attn")
+    assert not speed.warn_padding_free(True, sdpa) and speed.varlen_attention(sdpa) == "flash_attn"
+    assert not caplog.text
