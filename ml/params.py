@@ -45,7 +45,7 @@ def param_schemas() -> dict[str, dict[str, Any]]:
     the profile's value; the bounds apply to a value that is given. The description ends with the
     value an empty field runs, per profile."""
     out = {}
-    profiles = {name: load_config(name) for name in available_profiles()}
+    profiles = {name: load_config(name).flat() for name in available_profiles()}
     for param, dotted in PARAM_PATHS.items():
         schema = field_schema(dotted)
         bounds = {k: schema.pop(k) for k in _BOUNDS if k in schema}
@@ -58,18 +58,14 @@ def param_schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _empty_runs(dotted: str, profiles: dict[str, PipelineConfig]) -> str:
-    """'Empty: the profile's value (demo `30` · ...)': what a field left empty trains with."""
-    values = {name: config_value(cfg, dotted) for name, cfg in profiles.items()}
+def _empty_runs(dotted: str, profiles: dict[str, dict[str, Any]]) -> str:
+    """'Empty: the profile's value (demo `30` · ...)': what a field left empty trains with, from each
+    profile's `PipelineConfig.flat()`."""
+    values = {name: flat[dotted] for name, flat in profiles.items()}
     if len({repr(v) for v in values.values()}) == 1:
         return f"Empty: the profile's value, `{next(iter(values.values()))}` in every profile."
     return "Empty: the profile's value (" + " · ".join(f"{n} `{v}`" for n, v in values.items()) + ")."
 
-
-def config_value(cfg: PipelineConfig, dotted: str) -> Any:
-    """The value of `section.field` in a config."""
-    section, _, name = dotted.partition(".")
-    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
 
 
 def config_from_params(params: dict[str, Any]) -> PipelineConfig:
