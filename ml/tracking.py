@@ -186,8 +186,8 @@ class TrainingRun:
     def __init__(self, client: MlflowClient, cfg: PipelineConfig, run_key: str, train_dir: Path,
                  every_s: float = 2.0) -> None:
         self.client, self.cfg, self.run_key, self.every_s = client, cfg, run_key, every_s
-        self.file, self.adapter = TrainFiles(train_dir).metrics, TrainFiles(train_dir).adapter
-        self.layout, self.layout_logged = TrainFiles(train_dir).layout, False
+        files = TrainFiles(train_dir)
+        self.file, self.adapter, self.layout, self.layout_logged = files.metrics, files.adapter, files.layout, False
         self.offset, self.stop, self.thread = 0, threading.Event(), threading.Thread(target=self._poll, daemon=True)
         self.run_id = ""
 
