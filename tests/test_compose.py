@@ -53,12 +53,14 @@ def test_the_topology(compose: dict[str, Any]) -> None:
     assert (ROOT / "mlflow" / "Dockerfile").exists() and (ROOT / "Dockerfile.gpu").exists()
 
 
-def test_gpu_worker_serves_the_train_queue_with_a_gpu(compose: dict[str, Any]) -> None:
+def test_gpu_worker_serves_the_train_queue_with_the_hosts_gpus(compose: dict[str, Any]) -> None:
     gpu = compose["services"]["airflow-worker-gpu"]
     queue = load_config().deploy.gpu_queue
     assert f"--queues {queue}" in gpu["command"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert device["count"] == "all"  # the trainer's processes, one per GPU, take every GPU of the host
+    assert gpu["shm_size"] == "1gb"  # NCCL between them, through /dev/shm (64 MiB by default)
     assert gpu["build"]["dockerfile"] == "Dockerfile.gpu"
     assert gpu["profiles"] == ["gpu"]  # `docker compose up` on a host without a GPU leaves it out
     assert f"--queues {queue}" not in compose["services"]["airflow-worker"]["command"]

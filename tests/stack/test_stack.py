@@ -295,6 +295,7 @@ def test_the_gpu_worker_resolves_and_its_image_builds(stack: Stack) -> None:
     gpu = config["services"]["airflow-worker-gpu"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and gpu["command"][-3:] == ["gpu", "--concurrency", "1"]
+    assert device["count"] == -1  # `count: all`, as Compose resolves it
     assert "airflow-worker-gpu" not in stack.compose("config", "--services").stdout.split()
     with phase("gpu image"):
         stack.compose("build", "airflow-worker-gpu", profile="gpu")
