@@ -80,7 +80,12 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
     accuracy = [r["mean_token_accuracy"] for r in history if "mean_token_accuracy" in r and "loss" in r]
     assert len(accuracy) == 16 and all(0.0 <= a <= 1.0 for a in accuracy), accuracy
     assert accuracy[-1] > accuracy[0], accuracy
-    assert result["peak_gpu_gib"] < 16
+    if backend == "hf":  # every layer recomputed
+        assert result["peak_gpu_gib"] < 16
+    else:  # `auto` spends the card on activations: within its plan, the plan within the card
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        assert result["peak_gpu_gib"] == pytest.approx(result["planned_peak_gib"], rel=0.15)
+        assert result["peak_gpu_gib"] <= 0.9 * total
 
     out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.config), str(paths.root)],
                          capture_output=True, text=True, timeout=900)
