@@ -84,7 +84,7 @@ def test_backend_trains_the_8b_architecture_in_4bit(backend: str, tmp_path: Path
         assert result["peak_gpu_gib"] < 16
     else:  # `auto` spends the card on activations: within its plan, the plan within the card
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        assert result["peak_gpu_gib"] == pytest.approx(result["planned_peak_gib"], rel=0.15)
+        assert result["peak_gpu_gib"] <= 1.15 * result["planned_peak_gib"]  # planned for 12 x 512; 6 rows here
         assert result["peak_gpu_gib"] <= 0.9 * total
 
     out = subprocess.run([sys.executable, "-c", RELOAD, str(paths.config), str(paths.root)],
