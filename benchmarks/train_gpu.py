@@ -23,6 +23,9 @@ chose (`train.uncheckpointed_layers: auto`) with its planned peak, and the loss 
 `--profile A:B` runs torch.profiler over optimizer steps A..B and adds how busy
 the GPU was (kernel time / wall time) and the top kernels and CPU ops;
 `--sync-debug A:B` counts the host<-GPU synchronisations per step by source line.
+Under torchrun (`python3 -m torch.distributed.run --nproc-per-node N benchmarks/train_gpu.py ...`,
+train.num_processes) every process trains its share and rank 0 reports the job: tokens/s of every
+process, MFU per GPU, rank 0's peak memory.
 """
 
 from __future__ import annotations
@@ -292,6 +295,10 @@ def main() -> int:
     gc_timer = gc_timer_callback()
     callbacks.append(gc_timer)
     result = train_here(cfg, work / "splits", work / "out", callbacks=callbacks)
+    from ml import distributed
+
+    if not distributed.is_main():  # one of several processes: rank 0 reports the job
+        return 0
     history = json.loads(Path(result.log_history).read_text())
     tps = result.tokens_per_s or 0.0
     params = PARAMS.get(args.variant, LLAMA_8B_PARAMS)
@@ -305,17 +312,20 @@ def main() -> int:
         "gc_s_by_generation": [round(x, 2) for x in gc_timer.seconds],  # type: ignore[attr-defined]
         "gc_collections": gc_timer.count,  # type: ignore[attr-defined]
         "backend": result.backend,
-        "loss_head": resolve_loss_head(cfg.train.loss_head, torch.cuda.is_available()),
+        "loss_head": resolve_loss_head(cfg.train.loss_head, torch.cuda.is_available(), result.num_processes),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "batch": cfg.train.per_device_train_batch_size, "accum": cfg.train.gradient_accumulation_steps,
+        "processes": result.num_processes, "per_device_batch": result.per_device_batch,
+        "accumulation": result.accumulation,
         "padding_free": cfg.train.padding_free, "group_by_length": cfg.train.group_by_length,
         "steps": result.global_step, "real_tokens_per_s": round(tps, 1),
         "step_s_median": round(result.step_s or 0.0, 3), "peak_gib": round(result.peak_gpu_gib or 0.0, 2),
         "epochs": cfg.train.num_train_epochs if cfg.train.max_steps < 0 else None,
         "runtime_s": round(result.runtime_s, 1),
         "convert_s": round(convert_s, 1), "params": params,
-        **{f"mfu_{k}": round(tps * 6 * params / v, 3) for k, v in PEAK_FLOPS.items()},
-        **{f"mfu4n_{k}": round(tps * 4 * params / v, 3) for k, v in PEAK_FLOPS.items()},
+        # per GPU: the job's tokens/s over every process's card
+        **{f"mfu_{k}": round(tps * 6 * params / (v * result.num_processes), 3) for k, v in PEAK_FLOPS.items()},
+        **{f"mfu4n_{k}": round(tps * 4 * params / (v * result.num_processes), 3) for k, v in PEAK_FLOPS.items()},
         "truncated_train_examples": result.truncated_examples, "train_examples": result.train_examples,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "uncheckpointed_layers_setting": cfg.train.uncheckpointed_layers,

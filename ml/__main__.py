@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ml import configure_logging, pipeline
+from ml import configure_logging, distributed, pipeline
 from ml.config import (
     DEFAULT_PROFILE,
     PipelineConfig,
@@ -110,13 +110,27 @@ def cmd_base_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """This process is the trainer: the train task's child process, or a user on a GPU box."""
+    """This process is the trainer: the train task's child process (or one of the processes torchrun
+    started for it, `train.num_processes`), or a user on a GPU box. An error in it is recorded for
+    torchrun, whose failure summary then shows its traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return int(record(_train)(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     from ml.backend import train_here
 
+    distributed.quiet_other_ranks()
     cfg = _config(args)
     paths = run_paths(cfg, args.run_key)
     _needs_run_folder("train", paths, args)
-    _print(asdict(train_here(cfg, paths.splits, paths.train, score_in=paths)))
+    if distributed.world_size() == 1 and cfg.train.num_processes not in (1, "auto"):
+        print(f"train.num_processes={cfg.train.num_processes}, but this process was not started by torchrun: it "
+              "trains alone, the same updates (the train step starts the processes)", file=sys.stderr)
+    result = train_here(cfg, paths.splits, paths.train, score_in=paths)
+    if distributed.is_main():
+        _print(asdict(result))
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ml.distributed import split_batch
 from ml.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -177,6 +178,13 @@ class TrainConfig(_Strict):
         "Examples per micro-batch. The seed trained 3 x 4 accumulation steps; the same 12 examples per "
         "optimizer step in one micro-batch keep the optimisation and use the GPU better."))
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_processes: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(1, description=(
+        "Data-parallel training: processes that train together, each with a copy of the model on a GPU of its own "
+        "(the train task starts them with PyTorch's torchrun; `auto`: one per GPU the worker sees, 1 without a "
+        "GPU). The examples per optimizer step stay per_device_train_batch_size x gradient_accumulation_steps: the "
+        "processes share them, dividing the accumulation steps first, then the micro-batch (a count that does not "
+        "divide them is refused), so N processes train the updates one process trains (up to the order of sums). "
+        "More than 1 needs train.isolate; on the CPU the processes share its cores (gloo)."))
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps (ignored when warmup_ratio > 0).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Warm-up as a share of all steps (0: use warmup_steps)."))
@@ -242,6 +250,12 @@ class TrainConfig(_Strict):
     def _yaml_bool(cls, value: Any) -> Any:
         # YAML reads `gradient_checkpointing: true` as a bool; it means the string choice.
         return str(value).lower() if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _processes(self) -> TrainConfig:
+        if self.num_processes != "auto":  # `auto` is checked where the GPUs are counted (the train task)
+            split_batch(self.per_device_train_batch_size, self.gradient_accumulation_steps, self.num_processes)
+        return self
 
     @field_validator("max_steps")
     @classmethod
@@ -467,6 +481,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         "data.test_fraction", "data.instruction", "data.question_label", "data.contexts_label",
         "model", "lora",
         "train.backend", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+        "train.num_processes",
         "train.warmup_steps", "train.warmup_ratio", "train.max_steps", "train.num_train_epochs",
         "train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.weight_decay",
         "train.gradient_checkpointing", "train.uncheckpointed_layers", "train.pad_to_multiple_of", "train.packing",

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ml.base_models import quiet_progress_bars, resolve
 from ml.config import ModelConfig, PipelineConfig
+from ml.distributed import local_rank
 from ml.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def load_base_model(cfg: ModelConfig) -> Model:
     ref = model_ref(cfg)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": compute_dtype(cfg), "trust_remote_code": False}
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # one of several training processes: its own GPU
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

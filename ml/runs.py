@@ -53,7 +53,8 @@ class TrainFiles:
 
     @property
     def layout(self) -> Path:
-        """The activation layout chosen before step 1 (ml.speed.Layout): what the train step logs as params."""
+        """How the training was laid out before step 1: the activation layout (ml.speed.Layout), the backend, the
+        processes and their batch split (ml.distributed.BatchSplit); the train step logs it as params."""
         return self.root / "memory_layout.json"
 
     @property

@@ -12,7 +12,9 @@ The recipe (ml/train.py) builds TRL's SFTTrainer with these parts:
                           (ml/memory_plan.py), or a failure before training when nothing fits;
                           train.gpu_memory_fraction caps the process's share of the card
   ProjectSFTTrainer       train.loss_head: TRL's fused LM head on the host-found positions, its
-                          metrics read from the GPU once per logging step
+                          metrics read from the GPU once per logging step; its training sampler
+                          (StepSampler) gives every optimizer step the same examples whatever
+                          train.num_processes
   loop_args               SFTConfig fields that keep the loop from waiting for the GPU
 
 At the seed's shape (3 x 512) the loop is paced by the host, so every time the host waits for the
@@ -30,7 +32,9 @@ import functools
 import importlib
 import importlib.util
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_pt_utils import BatchRebalanceSampler, get_length_grouped_indices
 from trl import SFTTrainer  # Unsloth's subclass when Unsloth was imported first (ml.backend)
 
 from ml import memory_plan
+from ml.distributed import BatchSplit, rank_batches
 from ml.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,11 +59,15 @@ INTERNALS: dict[tuple[str, str], str] = {
     ("trl.kernels", "ChunkedLogProbFunction"): "TRL's fused LM-head kernel (Triton), the loss of loss_head=trl",
     ("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE"): "the chunk size TRL's own fused forward gives that kernel",
     ("transformers.modeling_layers", "GradientCheckpointingLayer"): "the decoder layers that checkpoint",
+    ("transformers.trainer_pt_utils", "BatchRebalanceSampler"):
+        "the sampler class Trainer takes as a batch sampler divided among the processes already (StepSampler's base)",
+    ("transformers.trainer_pt_utils", "get_length_grouped_indices"): "group_by_length's order (StepSampler's)",
 }
 # Attributes of live objects: an SFTTrainer, and a decoder layer with checkpointing switched on.
 TRAINER_INTERNALS = {
     "_metrics": "SFTTrainer's per-micro-batch metrics, averaged at each log (read here once per log)",
     "aux_loss_enabled": "SFTTrainer's switch for a router loss, which the fused head does not add",
+    "_get_train_sampler": "Trainer's hook that builds the training sampler (StepSampler here)",
 }
 LAYER_CHECKPOINT_FUNCTION = "_gradient_checkpointing_func"  # replaced by selective checkpointing
 LAYER_INTERNALS = {LAYER_CHECKPOINT_FUNCTION: "a decoder layer's checkpoint function"}
@@ -128,17 +138,23 @@ class HostCollator:
     The non-padding tokens (throughput) and, with `label_positions`, where the loss is taken:
     the flat index (row x length + column) of each position whose next token is labelled.
     Read from the GPU instead, each costs a wait for all queued GPU work, once per micro-batch.
+
+    An empty micro-batch (a process of several with no example left in the epoch's last step,
+    StepSampler) becomes one `blank_token` without a label: a forward and backward that add nothing
+    to the loss or the gradients, as the other processes' gradients wait for this one's.
     """
 
-    def __init__(self, collate: Any, label_positions: bool = False) -> None:
+    def __init__(self, collate: Any, label_positions: bool = False, blank_token: int = 0) -> None:
         self.collate = collate
         self.label_positions = label_positions
+        self.blank = {"input_ids": [blank_token], "labels": [-100]}
         self.tokens = 0
 
     def __call__(self, features: Any) -> Any:
-        batch = self.collate(features)
+        batch = self.collate(list(features) or [self.blank])
         mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if features:
+            self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         if self.label_positions:
             labels = batch["labels"]
             rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
@@ -154,8 +170,8 @@ class SpeedMeter(TrainerCallback):  # type: ignore[misc]
     checkpoint saving are paused out: the speed is the training loop's.
     """
 
-    def __init__(self, counter: HostCollator) -> None:
-        self.counter = counter
+    def __init__(self, counter: HostCollator, processes: int = 1) -> None:
+        self.counter, self.processes = counter, processes
         self.marks: list[tuple[int, float, int]] = []  # (step, training time, training tokens)
         self.t0 = self.last = time.perf_counter()
         self.last_tokens = 0
@@ -187,8 +203,8 @@ class SpeedMeter(TrainerCallback):  # type: ignore[misc]
         parts += [f"{key}={logs[key]:.4g}" for key in ("loss", "eval_loss", "learning_rate", "grad_norm")
                   if key in logs]
         speed, gib = self.tokens_per_s(), peak_gpu_gib()
-        if speed:
-            parts.append(f"tokens/s={speed:.0f}")
+        if speed:  # of this process (rank 0's, with several): the result has the whole job's
+            parts.append(f"tokens/s={speed:.0f}" if self.processes == 1 else f"rank0_tokens/s={speed:.0f}")
         if gib is not None:
             parts.append(f"gpu_mem_peak={gib:.1f}GiB")
         parts.append(f"elapsed={time.perf_counter() - self.t0:.1f}s")
@@ -197,9 +213,12 @@ class SpeedMeter(TrainerCallback):  # type: ignore[misc]
     def _timed(self) -> list[tuple[int, float, int]]:
         return self.marks[WARMUP_STEPS_UNTIMED:] if len(self.marks) > WARMUP_STEPS_UNTIMED + 1 else []
 
-    def tokens_per_s(self) -> float | None:
+    def tokens_per_s(self, total: Callable[[float], float] = float) -> float | None:
+        """This process's tokens per second of training; with `total` (ml.distributed.sum_over_processes,
+        which every process must call), every process's tokens over this one's training time."""
         m = self._timed()
-        return (m[-1][2] - m[0][2]) / (m[-1][1] - m[0][1]) if m and m[-1][1] > m[0][1] else None
+        tokens = total(m[-1][2] - m[0][2] if m else 0)
+        return tokens / (m[-1][1] - m[0][1]) if m and m[-1][1] > m[0][1] else None
 
     def step_s(self) -> float | None:
         """Median optimizer-step time."""
@@ -254,7 +273,7 @@ def cap_gpu_memory(fraction: float | None) -> None:
     if fraction is not None and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(fraction)
         log.info("GPU memory capped at %.0f %% of the card (%.1f GiB): train.gpu_memory_fraction", 100 * fraction,
-                 fraction * torch.cuda.get_device_properties(0).total_memory / 2**30)
+                 fraction * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30)
 
 
 def usable_gpu_bytes(fraction: float | None) -> int:
@@ -347,13 +366,49 @@ def warn_padding_free(padding_free: bool | None, model: Any) -> bool:
     return True
 
 
-def resolve_loss_head(requested: str, cuda: bool) -> str:
-    """"auto": TRL's fused head wherever its Triton kernel runs (CUDA), the model's own loss elsewhere."""
+def resolve_loss_head(requested: str, cuda: bool, processes: int = 1) -> str:
+    """"auto": TRL's fused head wherever its Triton kernel runs (CUDA) in one process, the model's own loss
+    elsewhere. With several processes the head is the model's: the fused path here is written for one
+    (ProjectSFTTrainer), and TRL's own gathers metrics from every process at each micro-batch."""
     if requested == "trl" and not cuda:
         log.warning("train.loss_head=trl needs CUDA (TRL's head is a Triton kernel); using the model's own loss")
-    if requested == "model" or not cuda:
+    if requested == "trl" and processes > 1:
+        log.warning("train.loss_head=trl trains in one process; with train.num_processes=%d the model's own loss "
+                    "runs", processes)
+    if requested == "model" or not cuda or processes > 1:
         return "model"
     return "trl"
+
+
+class StepSampler(BatchRebalanceSampler):  # type: ignore[misc]
+    """The training batches of one process: every optimizer step trains the same examples whatever the
+    process count (ml/distributed.py `rank_batches` deals each step's examples to the processes).
+
+    The epoch's order is drawn from `seed` + the epoch, the same in every process and on a resumed
+    attempt: `random`, a permutation; `group_by_length`, transformers' length-grouped order with its
+    mega-batches counted in optimizer steps (transformers counts them in one process's micro-batches x
+    accumulation, which would change with the process count). Trainer passes a `BatchRebalanceSampler`
+    to the DataLoader as its batch sampler, already divided among the processes, and keeps accelerate
+    from dividing it again: StepSampler borrows that treatment, nothing of its algorithm. The epoch is
+    read from the trainer's state (`epoch_of`) as the epoch's batches are drawn: on a resumed attempt
+    transformers' own `set_epoch` does not reach a sampler of several processes."""
+
+    def __init__(self, lengths: list[int], split: BatchSplit, rank: int, seed: int, grouped: bool,
+                 epoch_of: Callable[[], int]) -> None:  # BatchRebalanceSampler's __init__ is not used
+        self.lengths, self.split, self.rank, self.seed, self.grouped = lengths, split, rank, seed, grouped
+        self.epoch_of = epoch_of
+
+    def order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch_of())
+        if self.grouped:
+            return list(get_length_grouped_indices(self.lengths, self.split.examples_per_step, generator=generator))
+        return torch.randperm(len(self.lengths), generator=generator).tolist()  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Any:
+        return iter(rank_batches(self.order(), self.split, self.rank))
+
+    def __len__(self) -> int:
+        return len(rank_batches(range(len(self.lengths)), self.split, self.rank))
 
 
 def _causal_lm(model: Any) -> Any:
@@ -379,6 +434,19 @@ class ProjectSFTTrainer(SFTTrainer):  # type: ignore[misc]
     def __init__(self, *args: Any, loss_head: str = "model", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_head = loss_head
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """StepSampler for `random` and `group_by_length`: the same examples per optimizer step in one
+        process or several."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("random", "group_by_length") or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        a = self.args
+        split = BatchSplit(a.world_size, a.per_device_train_batch_size, a.gradient_accumulation_steps)
+        return StepSampler([len(ids) for ids in dataset["input_ids"]], split, a.process_index,
+                           a.data_seed if a.data_seed is not None else a.seed, strategy == "group_by_length",
+                           epoch_of=lambda: math.floor(self.state.epoch or 0))
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -4,8 +4,9 @@ last lines kept for the error message.
 
 The train step starts the trainer through it, so that the trainer owns the GPU: when it ends, CUDA
 memory goes back to the worker, and a crash or an OOM fails the task instead of the worker. The
-program gets a process group of its own, so that what it starts (a launcher's worker processes)
-is stopped with it. This module imports nothing of `ml`.
+program gets a process group of its own, so that what it starts is stopped with it; a process it
+started in a session of its own (torchrun starts each worker so) is found in /proc and stopped too.
+This module imports nothing of `ml`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,48 @@ def run(cmd: Sequence[str], *, limit_s: float, env: Mapping[str, str] | None = N
 
 
 def stop(proc: subprocess.Popen[str], grace_s: float = 30.0) -> None:
-    """SIGTERM to the program's process group, then SIGKILL to it if the program has not ended within `grace_s`."""
+    """SIGTERM to the program's process group and to the groups of what it started in sessions of their
+    own, then SIGKILL to them all once the program has ended or `grace_s` has passed: nothing it started
+    outlives it."""
     if proc.poll() is not None:
         return
-    _signal_group(proc.pid, signal.SIGTERM)
+    groups = {proc.pid, *_groups(_descendants(proc.pid))} - {os.getpgrp()}  # never this process's own
+    for group in groups:
+        _signal_group(group, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+        pass
+    for group in groups:
+        _signal_group(group, signal.SIGKILL)
+    proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after the name, which may hold spaces
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _groups(pids: list[int]) -> set[int]:
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return groups
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

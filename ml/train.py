@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning with TRL's SFTTrainer: the training recipe, top to bottom.
 
-    backend -> model -> data -> trainer config -> trainer -> resume -> train -> save -> result [-> then]
+    backend -> batch split -> model -> data -> trainer config -> trainer -> resume -> train -> save -> result [-> then]
 
 It reads the splits from one folder and writes the adapter, tokenizer, training curve and summary
 to another, so the same code runs in the DAG's train task (as a child process), from
@@ -9,6 +9,10 @@ to another, so the same code runs in the DAG's train task (as a child process), 
 Enter through `ml.backend.train_here`, which imports Unsloth first when it is the backend. The
 speed work, which changes no update, lives in ml/speed.py, switched on by config. Checkpoints go
 to `<out>/checkpoints` every `train.save_steps`; a rerun (an Airflow retry) resumes from the last.
+
+Started by torchrun as one of several processes (`train.num_processes`, ml/distributed.py), it trains
+its share of each optimizer step; every process takes part in training and in the final evaluation,
+and only the main one (rank 0) writes anything and runs `then`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig
 
-from ml import speed
+from ml import distributed, speed
 from ml.backend import pick_backend
 from ml.config import PipelineConfig
 from ml.data import read_split
@@ -56,11 +60,15 @@ class TrainResult:
     truncated_examples: int
     log_history: str  # path of the per-step metrics (JSON list)
     resumed_from_step: int | None = None
-    tokens_per_s: float | None = None  # non-padding tokens per second, after the first steps
+    tokens_per_s: float | None = None  # non-padding tokens per second of every process, after the first steps
     step_s: float | None = None  # median optimizer-step time, after the first steps
     peak_gpu_gib: float | None = None
     uncheckpointed_layers: int | None = None  # the layout trained with (train.uncheckpointed_layers resolved)
     planned_peak_gib: float | None = None  # the planner's estimate of peak_gpu_gib
+    num_processes: int = 1  # data-parallel processes that trained (train.num_processes resolved)
+    per_device_batch: int | None = None  # examples per micro-batch of one process
+    accumulation: int | None = None  # micro-batches per optimizer step of one process
+    examples_per_step: int | None = None  # per_device_batch x accumulation x num_processes, as configured
 
     @classmethod
     def read(cls, out_dir: Path) -> TrainResult:
@@ -76,19 +84,24 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
     """
     t0, t, files = time.perf_counter(), cfg.train, TrainFiles(out_dir)
     backend, cuda = pick_backend(t.backend), torch.cuda.is_available()
-    log.info("backend=%s base_model=%s lr=%g steps=%d batch=%dx%d", backend, cfg.model.base_model,
-             t.learning_rate, t.max_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    split = distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                    distributed.world_size())
+    log.info("backend=%s base_model=%s lr=%g steps=%d batch: %s", backend, cfg.model.base_model,
+             t.learning_rate, t.max_steps, split.describe())
     out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.use_own_device()
     speed.cap_gpu_memory(t.gpu_memory_fraction)  # before the model: the planner plans within the cap
 
     model, tokenizer, peft_config = load_for_training(cfg, backend)
-    loss_head = speed.resolve_loss_head(t.loss_head, cuda)
+    loss_head = speed.resolve_loss_head(t.loss_head, cuda, split.processes)
     layout = speed.plan_activations(  # before the data and the trainer: a plan that does not fit fails here
         t.uncheckpointed_layers, model=model, backend=backend, checkpointing=t.gradient_checkpointing,
-        batch_size=t.per_device_train_batch_size, max_seq_length=cfg.model.max_seq_length,
+        batch_size=split.per_device_batch, max_seq_length=cfg.model.max_seq_length,
         pad_to_multiple_of=t.pad_to_multiple_of, optim=t.optim, loss_head=loss_head, fraction=t.gpu_memory_fraction)
     log.info("activation layout: %s", layout.reason)
-    write_json(files.layout, asdict(layout))  # the train step logs it as the run's params
+    if distributed.is_main():  # the train step logs it as the run's params, with the backend and the batch split
+        write_json(files.layout, {**asdict(layout), "backend": backend, **asdict(split),
+                                  "examples_per_step": split.examples_per_step})
     speed.warn_padding_free(t.padding_free, model)
 
     fmt = PromptFormat.from_config(cfg)
@@ -102,7 +115,7 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         log.warning("%d of %d training examples exceed max_seq_length=%d and lose part of their answer",
                     truncated, len(train_rows), cfg.model.max_seq_length)
 
-    args = sft_config(cfg, backend, out_dir, cuda, evaluate=bool(eval_rows))
+    args = sft_config(cfg, backend, out_dir, cuda, split=split, evaluate=bool(eval_rows))
 
     log.info("loss: %s", {"trl": "TRL's fused LM head", "model": "the model's own forward with labels"}[loss_head])
     checkpointing = speed.selective_checkpointing(layout.uncheckpointed_layers, t.gradient_checkpointing, backend)
@@ -110,10 +123,11 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         model=model, args=args, train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[*checkpointing, *callbacks], loss_head=loss_head)
-    trainer.data_collator = counter = speed.HostCollator(trainer.data_collator, label_positions=loss_head == "trl")
-    meter = speed.SpeedMeter(counter)
+    trainer.data_collator = counter = speed.HostCollator(trainer.data_collator, label_positions=loss_head == "trl",
+                                                         blank_token=tokenizer.pad_token_id)
+    meter = speed.SpeedMeter(counter, split.processes)
     trainer.add_callback(meter)
-    trainer.add_callback(MetricsFile(files.metrics))  # read live by the task that supervises
+    trainer.add_callback(MetricsFile(files.metrics))  # rank 0's, read live by the task that supervises
     trainer.add_callback(FiniteLoss())  # after MetricsFile: the diverged record is still relayed
     trainer.remove_callback(PrinterCallback)  # the meter logs the same, readably
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -125,17 +139,21 @@ def finetune(cfg: PipelineConfig, splits_dir: Path, out_dir: Path, callbacks: Se
         log.info("resuming from %s", resume.name)
 
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_loss = final_eval_loss(trainer) if eval_rows else None
+    eval_loss = final_eval_loss(trainer) if eval_rows else None  # every process: an evaluation is collective
+    tokens_per_s = meter.tokens_per_s(distributed.sum_over_processes)  # every process's tokens
 
-    trainer.save_model(str(files.adapter))
-    tokenizer.save_pretrained(str(files.adapter))
-    files.history.write_text(json.dumps(trainer.state.log_history, indent=1))
-
+    trainer.save_model(str(files.adapter))  # rank 0 writes (Trainer's should_save)
     result = TrainResult(
         str(files.adapter), backend, trainer.state.global_step, float(output.training_loss), eval_loss,
         time.perf_counter() - t0, len(train_rows), truncated, str(files.history),
-        int(resume.name.rsplit("-", 1)[1]) if resume else None, meter.tokens_per_s(), meter.step_s(),
-        speed.peak_gpu_gib(), layout.uncheckpointed_layers, layout.planned_peak_gib)
+        int(resume.name.rsplit("-", 1)[1]) if resume else None, tokens_per_s, meter.step_s(),
+        speed.peak_gpu_gib(), layout.uncheckpointed_layers, layout.planned_peak_gib, split.processes,
+        split.per_device_batch, split.accumulation, split.examples_per_step)
+    if not distributed.is_main():  # its share is trained: the main process writes, and runs `then`
+        return result
+
+    tokenizer.save_pretrained(str(files.adapter))
+    files.history.write_text(json.dumps(trainer.state.log_history, indent=1))
     write_json(files.result, asdict(result))  # whole or not at all: a retry reads it (finished_training)
     shutil.rmtree(files.checkpoints, ignore_errors=True)  # the adapter is written: no retry needs them
     log.info("trained %d steps in %.1fs: train_loss=%.4f eval_loss=%s", result.global_step,
@@ -153,9 +171,12 @@ class MetricsFile(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.unlink(missing_ok=True)  # a resumed attempt rewrites its own
+        if distributed.is_main():
+            path.unlink(missing_ok=True)  # a resumed attempt rewrites its own
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if not state.is_world_process_zero:  # the same records in every process: rank 0 writes them
+            return
         record = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, "time": time.time(), **record}) + "\n")
@@ -182,8 +203,11 @@ def _dataset(rows: list[Encoded]) -> Dataset:
     return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in rows])
 
 
-def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, evaluate: bool = True) -> SFTConfig:
+def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool,
+               split: distributed.BatchSplit | None = None, evaluate: bool = True) -> SFTConfig:
+    """The trainer's arguments; `split`: how the processes share each optimizer step (None: one process)."""
     t = cfg.train
+    split = split or distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, 1)
     optim = t.optim
     if not cuda and "8bit" in optim:
         log.info("optimizer %s needs CUDA; using adamw_torch on the CPU", optim)
@@ -193,8 +217,8 @@ def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, eva
         **({} if t.padding_free is None else {"padding_free": t.padding_free}),
         output_dir=str(TrainFiles(out_dir).checkpoints), save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=2,
-        per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_steps=t.max_steps,
+        per_device_train_batch_size=split.per_device_batch, per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=split.accumulation, max_steps=t.max_steps,
         num_train_epochs=t.num_train_epochs, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else t.warmup_steps,  # a float < 1 is a ratio
         optim=optim, weight_decay=t.weight_decay, seed=t.seed, data_seed=t.seed, bf16=bf16, fp16=cuda and not bf16,
@@ -205,7 +229,11 @@ def sft_config(cfg: PipelineConfig, backend: str, out_dir: Path, cuda: bool, eva
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.model.max_seq_length, pad_to_multiple_of=t.pad_to_multiple_of, packing=t.packing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        dataloader_num_workers=0, **speed.loop_args(cuda))
+        dataloader_num_workers=0, **speed.loop_args(cuda),
+        use_cpu=not cuda,  # accelerate sets up several processes on the CPU (gloo) only when told it is the CPU
+        # Several processes: every trainable (LoRA) weight gets a gradient at every step, so DDP need not look
+        # for unused ones (transformers would have it look for a peft model: a walk of the graph per step).
+        ddp_find_unused_parameters=False)
 
 
 def last_checkpoint(out_dir: Path) -> Path | None:

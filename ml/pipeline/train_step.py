@@ -1,5 +1,6 @@
 """The train step: the champion fetched, then the trainer (`python -m ml train`) in a process of its
-own under supervision (ml/supervise.py), inside the MLflow run of this training attempt."""
+own under supervision (ml/supervise.py), or several started by torchrun (`train.num_processes`,
+ml/distributed.py), inside the one MLflow run of this training attempt."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ml import supervise
+from ml import distributed, supervise
 from ml.config import PipelineConfig
-from ml.errors import TrainingFailed
+from ml.errors import ConfigError, TrainingFailed
 from ml.runs import RunPaths, read_json, write_json
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ def train(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None,
                  "register records it", finished["global_step"], paths.trained.adapter)
         return {**finished, "reused": True}
     paths.scores.unlink(missing_ok=True)  # an earlier attempt's scores are not this adapter's
+    processes = training_split(cfg).processes  # a process count that cannot work fails before anything starts
+    if processes > 1 and not cfg.train.isolate:
+        raise ConfigError(f"train.num_processes={cfg.train.num_processes} ({processes} processes) needs "
+                          "train.isolate: true: torchrun starts the training processes")
     client = tracking.connect(cfg.registry)
     if cfg.eval.score_while_loaded:
         champion.fetch(client, cfg.registry, paths.champion)
@@ -67,22 +72,45 @@ def finished_training(paths: RunPaths) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and paths.trained.adapter.is_dir() else None
 
 
+def training_split(cfg: PipelineConfig) -> distributed.BatchSplit:
+    """How many processes train (`train.num_processes` on this worker's GPUs) and how they share the
+    configured examples per optimizer step; refused (ConfigError) where they cannot."""
+    t = cfg.train
+    gpus = distributed.visible_gpus() if t.num_processes != 1 else 0  # one process: no torch import here
+    processes = distributed.resolve_processes(t.num_processes, gpus)
+    return distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
+
+
 def training_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
-    """The child's command line; the run's resolved config travels as a file in the run folder."""
+    """The child's command line: the trainer, or torchrun starting `train.num_processes` of them (each
+    one's whole output also in train/process_logs/); the run's resolved config travels as a file in the
+    run folder."""
     write_json(paths.config, cfg.model_dump(mode="json"))
-    return [sys.executable, "-m", "ml", "train", "--config", str(paths.config), "--run-key", paths.key]
+    launcher = distributed.launch_command(training_split(cfg).processes, str(paths.train / "process_logs"))
+    return [sys.executable, *launcher, "-m", "ml", "train", "--config", str(paths.config), "--run-key", paths.key]
 
 
 def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """`python -m ml train` with this run's resolved config; its log lines stream into ours. A child
-    still running at its time limit is stopped; the task's retry resumes from the last checkpoint."""
+    """`python -m ml train` with this run's resolved config (torchrun's processes of it); its log lines
+    stream into ours. A child still running at its time limit is stopped; the task's retry resumes from
+    the last checkpoint. A failed process of several ends them all (torchrun), and the step's error
+    names it with its own error."""
+    split = training_split(cfg)
     cmd = training_command(cfg, paths)
     with paths.split("train").open(encoding="utf-8") as f:
         rows = sum(1 for _ in f)
     limit, steps = cfg.train_time_limit_s(rows), cfg.train.optimizer_steps(rows)
-    log.info("starting training process (time limit %.0f s for %d steps): %s", limit, steps, " ".join(cmd))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s"}
-    done = supervise.run(cmd, limit_s=limit, env=env, on_line=lambda line: log.info("[train] %s", line))
+    log.info("starting training (time limit %.0f s for %d steps; %s): %s", limit, steps, split.describe(),
+             " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_LOG_FORMAT": "%(name)s: %(message)s", **distributed.launch_env()}
+    summary: list[str] = []  # torchrun's failure summary, from its root cause on: longer than the tail may be
+
+    def relay(line: str) -> None:
+        log.info("[train] %s", line)
+        if summary or "Root Cause (first observed failure)" in line:
+            summary.append(line)
+
+    done = supervise.run(cmd, limit_s=limit, env=env, on_line=relay)
     text = "\n".join(done.tail)
     if done.expired:
         raise TrainingFailed(f"training did not finish within its time limit of {limit:.0f} s "
@@ -93,6 +121,10 @@ def _train_in_child(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         hint = ("; CUDA ran out of memory: lower train.per_device_train_batch_size (raising "
                 "gradient_accumulation_steps keeps the optimisation the same) or model.max_seq_length"
                 if "out of memory" in text.lower() else "")
+        failed = distributed.root_cause(summary)
+        if failed is not None:  # one of several: torchrun stopped the others
+            raise TrainingFailed(f"{failed.describe(split.processes)}{hint}; torchrun stopped the other processes, "
+                                 f"and a retry resumes from the last checkpoint. Last output:\n{text}")
         rc = done.returncode
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         raise TrainingFailed(f"training process {how}{hint}. Last output:\n{text}")
