@@ -280,6 +280,8 @@ def _describe_export(client: MlflowClient, reg: RegistryConfig, version: str) ->
 
 
 def _delete_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+    """A run's artifacts under `path`, deleted in its artifact store (a local folder, S3, or the
+    server's proxy: `mlflow server` answers DELETE). MLflow's client has no call for it."""
     from mlflow.tracking.artifact_utils import get_artifact_repository
 
     if client.list_artifacts(run_id, path):
