@@ -59,7 +59,7 @@ from run_notes import RUN_NOTE_KEY, note_line  # plugins/: the run's note, set w
 # Only light modules at parse time; each step imports the ML stack it runs.
 from ml import pipeline
 from ml.config import DEFAULT_PROFILE, available_profiles, load_config
-from ml.errors import ConfigError, GateFailed
+from ml.errors import ConfigError, ExportFailed, GateFailed
 from ml.params import config_from_params, field_schema, param_schemas
 from ml.runs import run_paths
 
@@ -228,7 +228,10 @@ def retrain_lora() -> None:
     @task(pool=REGISTRY_POOL, queue=DEFAULT.deploy.gpu_queue, execution_timeout=MODEL_WORK, **REGISTRY_RETRIES)
     def promote_champion() -> dict[str, Any]:
         cfg, paths, run_key = _run()
-        return pipeline.promote(cfg, paths, run_key)  # moves @champion, keeps @previous_champion
+        try:
+            return pipeline.promote(cfg, paths, run_key)  # moves @champion, keeps @previous_champion
+        except ExportFailed as exc:  # registry.require_export and a merged model that is not the adapter's
+            raise AirflowFailException(str(exc)) from None  # a retry would merge the same again
 
     @task(pool=REGISTRY_POOL, **REGISTRY_RETRIES)
     def keep_champion() -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ml.config import (
 from ml.errors import (
     ConfigError,
     DataError,
+    ExportFailed,
     GateFailed,
     ModelLoadError,
     RegistryConflict,
@@ -47,7 +48,7 @@ from ml.prompt import PromptFormat
 from ml.runs import RunPaths, run_paths
 from ml.settings_reference import reference_markdown
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # 1: the run failed (the gate, a diverged training)
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # 1: the run failed (the gate, a diverged training, an export)
 # Steps of a run that read or write the registry (validate: a failed gate is logged as a run). They refuse
 # before doing anything when no tracking URI is configured, not half-way (ml.config.tracking_uri).
 REGISTRY_STEPS = ("validate", "evaluate", "register", "promote", "keep")
@@ -163,14 +164,36 @@ def _needs_run_folder(step: str, paths: RunPaths, args: argparse.Namespace) -> N
 
 
 def cmd_manual(args: argparse.Namespace) -> int:
-    """A person's promotion (`promote --version N`) or rollback, with the pipeline's checks."""
-    from ml import champion, tracking
-
-    reg = _config(args).registry
-    tracking_uri(reg)  # before MLflow's import: refused at once
+    """A person's promotion (`promote --version N`) or rollback, with the pipeline's checks (and its
+    export of the version that becomes champion)."""
+    cfg = _config(args)
+    tracking_uri(cfg.registry)  # before MLflow's import: refused at once
     version = None if args.command == "rollback" else str(args.version)
-    action = "rollback" if version is None else "promotion"
-    _print(champion.manual_move(tracking.connect(reg), reg, version, args.reason or "", action))
+    _print(pipeline.manual_move(cfg, version, args.reason or ""))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge version N's adapter into its base, check it against the adapter model and record it."""
+    from ml import tracking
+    from ml.export import export_version
+
+    cfg = _config(args)
+    tracking_uri(cfg.registry)
+    _print(export_version(tracking.connect(cfg.registry), cfg, str(args.version)))
+    return EXIT_OK
+
+
+def cmd_prune_exports(args: argparse.Namespace) -> int:
+    """List (or, with --yes, delete) the exports of versions that hold no alias."""
+    from ml import registry, tracking
+
+    cfg = _config(args)
+    tracking_uri(cfg.registry)
+    found = registry.prune_exports(tracking.connect(cfg.registry), cfg.registry, delete=args.yes)
+    _print({"deleted" if args.yes else "would_delete": found})
+    if found and not args.yes:
+        print(f"{len(found)} export(s) of versions without an alias; delete them with --yes", file=sys.stderr)
     return EXIT_OK
 
 
@@ -267,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", parents=[common], help="give @champion back to @previous_champion, with a reason")
     p.add_argument("--reason", required=True, help="why (recorded on the versions, with who and when)")
     p.set_defaults(func=cmd_manual)
+    p = sub.add_parser("export", parents=[common], help="merge version N's adapter into a 16-bit copy of its base "
+                                                       "model, check it against the adapter model on its test rows "
+                                                       "and store it beside the version (docs/deployment.md)")
+    p.add_argument("--version", type=int, required=True, help="the registered version to export")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("prune-exports", parents=[common], help="list the merged exports of versions that hold no "
+                                                              "alias; --yes deletes them")
+    p.add_argument("--yes", action="store_true", help="delete them (without it: only list them)")
+    p.set_defaults(func=cmd_prune_exports)
     p = sub.add_parser("pipeline", parents=[common, run], help="every step in order, without Airflow")
     p.add_argument("--force", action="store_true", help="train even if data and config equal the champion's")
     p.set_defaults(func=cmd_pipeline)
@@ -284,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_GATE_FAILED
-    except TrainingDiverged as exc:  # the run failed, as at the gate: one line, not a traceback
+    except (TrainingDiverged, ExportFailed) as exc:  # the run failed, as at the gate: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_GATE_FAILED
 

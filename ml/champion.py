@@ -19,13 +19,12 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -92,11 +91,7 @@ def _download(client: MlflowClient, reg: RegistryConfig, dst: Path) -> Champion 
     mv = alias_version(client, reg.model_name, reg.champion_alias)
     if mv is None:
         return None
-    model_dir = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{reg.model_name}/{mv.version}", dst_path=str(dst)))
-    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
-    artifacts, model_config = flavor["artifacts"], flavor.get("model_config") or {}
-    embedded = artifacts.get("base_model")
+    got = registry.download_version(client, reg, str(mv.version), dst)
     base = mv.tags.get("base_model", "")
     try:
         rows_file = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="reports/train_rows.json",
@@ -105,9 +100,9 @@ def _download(client: MlflowClient, reg: RegistryConfig, dst: Path) -> Champion 
     except (MlflowException, OSError):  # a version from before rows were recorded
         trained_rows = None
     log.info("champion is version %s of %s (base %s)", mv.version, reg.model_name, base)
-    return Champion(str(mv.version), mv.run_id, str(model_dir), str(model_dir / artifacts["adapter"]["path"]),
-                    base, str(model_dir / embedded["path"]) if embedded else None, mv.tags.get("base_identity"),
-                    model_config.get("prompt_format"), trained_rows)
+    return Champion(got.version, got.run_id, str(got.model_dir), str(got.adapter_dir), base,
+                    str(got.base_path) if got.base_path else None, mv.tags.get("base_identity"),
+                    got.model_config.get("prompt_format"), trained_rows)
 
 
 @contextlib.contextmanager
@@ -185,10 +180,11 @@ def _record(client: MlflowClient, reg: RegistryConfig, registered: Registered, o
     tracking.record_outcome(client, registered.run_id, outcome, decision)
 
 
-def manual_move(client: MlflowClient, reg: RegistryConfig, to: str | None, reason: str,
-                action: str) -> dict[str, str | None]:
+def manual_move(client: MlflowClient, reg: RegistryConfig, to: str | None, reason: str, action: str,
+                prepare: Callable[[str], object] | None = None) -> dict[str, str | None]:
     """A person moves @champion: to version `to`, or (rollback, `to` None) back to @previous_champion.
-    Recorded on both versions and the registered model: who, when, why."""
+    Recorded on both versions and the registered model: who, when, why. `prepare` runs under the lock
+    with the version about to get @champion, before the move (its export); what it raises stops it."""
     if not reason.strip():
         raise ConfigError("a manual promotion or rollback needs a --reason")
     who, when = getpass.getuser(), datetime.now(UTC).isoformat(timespec="seconds")
@@ -205,6 +201,8 @@ def manual_move(client: MlflowClient, reg: RegistryConfig, to: str | None, reaso
             raise RegistryConflict(f"{reg.model_name} has no version {to}") from exc
         if to == now:
             raise RegistryConflict(f"version {to} already holds @{reg.champion_alias}")
+        if prepare is not None:
+            prepare(to)
         move(client, reg, to, now, f"manual {who}")
     note = f"{action} by {who} at {when}: {reason}"
     client.set_model_version_tag(reg.model_name, to, "decision", f"manual {action}")

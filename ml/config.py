@@ -375,6 +375,26 @@ class RegistryConfig(_Strict):
         "one (an 8B model's 16 GB) is referenced by its path, which the serving machine must have."))
     artifact_location: str | None = Field(None, description=(
         "Artifact root of experiments created in a local (sqlite/file) store; an MLflow server proxies its own."))
+    export_on_promotion: bool = Field(True, description=(
+        "When a version becomes champion (the pipeline's promotion, `python -m ml promote --version N`, a "
+        "rollback) and has no export yet: merge its adapter into a 16-bit copy of its base model (a 4-bit base "
+        "is dequantized first), check the merged model against the adapter model on the version's test rows "
+        "(mean per-row loss within 0.5 %, 99 % of 32 greedy tokens identical, the bare base model outside both) "
+        "and store it beside the version, for serving engines (docs/deployment.md). A failed check records "
+        "nothing. `python -m ml export --version N` exports any version."))
+    require_export: bool = Field(False, description=(
+        "A version becomes champion only with a merged model that passed its check: a failed export leaves "
+        "@champion where it is (the promotion fails, saying why). Off, the alias moves and a failed export is "
+        "only logged. Needs `export_on_promotion`."))
+    export_prompts: int = Field(8, ge=1, le=256, description=(
+        "Test prompts whose greedy continuations (their first 32 tokens) the export check compares."))
+
+    @model_validator(mode="after")
+    def _export(self) -> RegistryConfig:
+        if self.require_export and not self.export_on_promotion:
+            raise ValueError("registry.require_export needs registry.export_on_promotion: true (a promotion that "
+                             "requires an export must make one)")
+        return self
 
     @field_validator("tracking_uri")
     @classmethod

@@ -35,3 +35,8 @@ class RegistryConflict(RuntimeError):
 
 class RegistryUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached, does not answer, or refuses this user's writes."""
+
+
+class ExportFailed(RuntimeError):
+    """A merged model failed its equivalence check against the adapter model (ml/equivalence.py), or
+    could not be built: nothing of it was recorded."""

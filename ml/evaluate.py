@@ -155,14 +155,27 @@ def generate_answers(model: Model, tokenizer: Tokenizer, examples: Sequence[QAEx
 def generate(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
              max_new_tokens: int, batch_size: int = 8) -> list[tuple[str, bool]]:
     """Greedy answers and whether each stopped (ended with an end-of-sequence token within
-    `max_new_tokens`), `batch_size` prompts at a time, each batch padded on the left so that every
-    answer starts right after its prompt (the attention mask hides the padding). One decoding loop per
-    batch instead of one per prompt: the report's sample answers of an 8B model take seconds, not tens
-    of seconds; a long request to the pyfunc stays within memory."""
-    dev = next(model.parameters()).device
+    `max_new_tokens`), from `greedy_ids`."""
+    ends = end_ids(model, tokenizer)
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), bool(ids) and ids[-1] in ends)
+            for ids in greedy_ids(model, tokenizer, examples, fmt, max_new_tokens, batch_size)]
+
+
+def end_ids(model: Model, tokenizer: Tokenizer) -> set[int]:
+    """The token ids that end an answer: the model's generation config's and the tokenizer's."""
     ends = model.generation_config.eos_token_id
-    ends = (set(ends if isinstance(ends, list) else [ends]) | {tokenizer.eos_token_id}) - {None}
-    answers: list[tuple[str, bool]] = []
+    return (set(ends if isinstance(ends, list) else [ends]) | {tokenizer.eos_token_id}) - {None}
+
+
+def greedy_ids(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], fmt: PromptFormat,
+               max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """The token ids of each example's greedy answer, up to and with its first end token (`end_ids`;
+    the padding after it dropped), `batch_size` prompts at a time, each batch padded on the left so
+    that every answer starts right after its prompt (the attention mask hides the padding). One
+    decoding loop per batch instead of one per prompt: the report's sample answers of an 8B model take
+    seconds, not tens of seconds; a long request to the pyfunc stays within memory."""
+    dev, ends = next(model.parameters()).device, end_ids(model, tokenizer)
+    answers: list[list[int]] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for start in range(0, len(examples), batch_size):
@@ -173,9 +186,10 @@ def generate(model: Model, tokenizer: Tokenizer, examples: Sequence[QAExample], 
                 out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id)
             width = ids["input_ids"].shape[1]  # what follows is the answer; one that ended early is padded
-            answers += [(tokenizer.decode(row[width:][row[width:] != tokenizer.pad_token_id],
-                                          skip_special_tokens=True).strip(),
-                         any(int(t) in ends for t in row[width:])) for row in out]
+            for row in out.tolist():
+                answer = row[width:]
+                end = next((i for i, t in enumerate(answer) if t in ends), None)
+                answers.append(answer if end is None else answer[:end + 1])
     finally:
         tokenizer.padding_side = side
     return answers

@@ -9,14 +9,21 @@ registering a second one. Each function works on a connected client (ml.tracking
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
@@ -25,8 +32,9 @@ from ml.config import PipelineConfig, RegistryConfig, resolve_path
 from ml.errors import RegistryConflict, RegistryUnavailable
 from ml.promotion import Decision
 from ml.prompt import PromptFormat
+from ml.review_card import with_export
 from ml.signature import signature
-from ml.tracking import ADAPTER_TAG, RUN_KEY_TAG, runs_of
+from ml.tracking import ADAPTER_TAG, RUN_KEY_TAG, TEST_SPLIT_ARTIFACT, runs_of
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +81,29 @@ def publish(client: MlflowClient, cfg: PipelineConfig, adapter_dir: Path, run_id
             test_metrics: dict[str, float], test_dataset: Any) -> Registered:
     """Log the adapter as the run's model (the active run, `run_id`) and register it as a new version
     carrying `VERSION_TAGS` of `tags`; the model records its test metrics on the test split it names."""
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"adapter": str(standard_adapter(adapter_dir, cfg.model.revision, Path(tmp)))}
+        return _publish(client, cfg, artifacts, run_id, tags, test_metrics, test_dataset)
+
+
+def standard_adapter(adapter_dir: Path, revision: str | None, tmp: Path) -> Path:
+    """The adapter as a standard PEFT folder that names its base: `base_model_name_or_path` (what the
+    trainer loaded: the hub id, or the local folder) and `revision`, which the trainer leaves empty.
+    Where the revision is missing, a copy in `tmp` records it (the weights, and the version's adapter
+    hash tag, are the evaluated ones); `PeftModel.from_pretrained` and serving engines read both."""
+    config_file = adapter_dir / "adapter_config.json"
+    conf = json.loads(config_file.read_text(encoding="utf-8"))
+    if conf.get("revision") == revision:
+        return adapter_dir
+    copy = tmp / adapter_dir.name
+    shutil.copytree(adapter_dir, copy)
+    (copy / config_file.name).write_text(json.dumps({**conf, "revision": revision}, indent=2), encoding="utf-8")
+    return copy
+
+
+def _publish(client: MlflowClient, cfg: PipelineConfig, artifacts: dict[str, str], run_id: str,
+             tags: dict[str, str], test_metrics: dict[str, float], test_dataset: Any) -> Registered:
     reg = cfg.registry
-    artifacts = {"adapter": str(adapter_dir)}
     local_base = resolve_path(cfg.model.base_model)
     if local_base.is_dir():  # a small local base (the demo's) travels with the model
         gib = sum(f.stat().st_size for f in local_base.rglob("*") if f.is_file()) / 2**30
@@ -173,3 +202,113 @@ def check_adapter(client: MlflowClient, reg: RegistryConfig, registered: Registe
     if mv.tags.get(ADAPTER_TAG) != adapter:
         raise RegistryConflict(f"version {registered.version} holds adapter {mv.tags.get(ADAPTER_TAG)}, not the "
                                f"evaluated {adapter}: it belongs to another attempt; nothing was promoted")
+
+
+# ---------------------------------------------------------------- a version's files
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A registered version as downloaded: its model folder, adapter, the base model it carries (a small
+    local one; else None, and `model_config` names it), the settings it was logged with, and its tags."""
+    version: str
+    run_id: str
+    model_dir: Path
+    adapter_dir: Path
+    base_path: Path | None
+    model_config: dict[str, Any]
+    tags: dict[str, str]
+
+
+def download_version(client: MlflowClient, reg: RegistryConfig, version: str, dst: Path) -> Downloaded:
+    """Version `version`'s registered model, downloaded into `dst`."""
+    mv = client.get_model_version(reg.model_name, version)
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{reg.model_name}/{mv.version}",
+                                                         dst_path=str(dst)))
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    # MLflow writes `Model.log(model_config=...)` under the key `config`
+    artifacts, model_config = flavor["artifacts"], flavor.get("config") or flavor.get("model_config") or {}
+    embedded = artifacts.get("base_model")
+    return Downloaded(str(mv.version), str(mv.run_id), model_dir, model_dir / artifacts["adapter"]["path"],
+                      model_dir / embedded["path"] if embedded else None, model_config, dict(mv.tags))
+
+
+def test_split(client: MlflowClient, run_id: str, dst: Path) -> Path | None:
+    """The test rows a version's run was evaluated on (`TEST_SPLIT_ARTIFACT`), downloaded into `dst`;
+    None for a run registered before they were logged."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT,
+                                                        dst_path=str(dst)))
+    except (MlflowException, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- exports (ml/export.py makes them)
+
+EXPORT_ARTIFACT = "merged_model"  # in a version's run: its merged 16-bit model, once checked
+EXPORT_TAG = "export"  # on the version: the export's URI (runs:/<run id>/merged_model)
+PRUNED_TAG = "export_pruned"  # on the version: when and by whom its export was deleted
+
+
+def recorded_export(client: MlflowClient, reg: RegistryConfig, version: str) -> str | None:
+    """The URI of the version's checked export, while its files are there; else None."""
+    mv = client.get_model_version(reg.model_name, version)
+    uri = mv.tags.get(EXPORT_TAG)
+    return uri if uri and client.list_artifacts(mv.run_id, EXPORT_ARTIFACT) else None
+
+
+def record_export(client: MlflowClient, reg: RegistryConfig, version: str, folder: Path,
+                  tags: dict[str, str]) -> str:
+    """Store a checked export (`folder`) beside the version, in its run's artifacts, then tag the
+    version with it and its check's numbers and add it to the review card. The tags come last: an
+    upload that fails leaves no tag, and the files it left are replaced by the next attempt or pruned."""
+    mv = client.get_model_version(reg.model_name, version)
+    _delete_artifacts(client, mv.run_id, EXPORT_ARTIFACT)  # what an interrupted attempt left
+    client.log_artifacts(mv.run_id, str(folder), EXPORT_ARTIFACT)
+    uri = f"runs:/{mv.run_id}/{EXPORT_ARTIFACT}"
+    for key, value in {**tags, EXPORT_TAG: uri}.items():
+        client.set_model_version_tag(reg.model_name, version, key, value)
+    with contextlib.suppress(MlflowException):
+        client.delete_model_version_tag(reg.model_name, version, PRUNED_TAG)
+    _describe_export(client, reg, version)
+    log.info("version %s of %s: export stored at %s", version, reg.model_name, uri)
+    return uri
+
+
+def _describe_export(client: MlflowClient, reg: RegistryConfig, version: str) -> None:
+    mv = client.get_model_version(reg.model_name, version)
+    describe(client, reg, version, with_export(mv.description or "", mv.tags))
+
+
+def _delete_artifacts(client: MlflowClient, run_id: str, path: str) -> None:
+    """A run's artifacts under `path`, deleted in its artifact store (a local folder, S3, or the
+    server's proxy: `mlflow server` answers DELETE). MLflow's client has no call for it."""
+    from mlflow.tracking.artifact_utils import get_artifact_repository
+
+    if client.list_artifacts(run_id, path):
+        get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(path)
+
+
+def prune_exports(client: MlflowClient, reg: RegistryConfig, delete: bool) -> list[dict[str, str]]:
+    """The exports of versions that hold no alias (neither @champion nor @previous_champion nor any
+    other), with what they hold; `delete`: deleted too, each version tagged when and by whom. Files an
+    interrupted export left (no tag) count as an export."""
+    found = []
+    for mv in client.search_model_versions(f"name='{reg.model_name}'"):
+        if client.get_model_version(reg.model_name, mv.version).aliases:
+            continue
+        files = client.list_artifacts(mv.run_id, EXPORT_ARTIFACT)
+        if not files and EXPORT_TAG not in mv.tags:
+            continue
+        item = {"version": str(mv.version), "export": mv.tags.get(EXPORT_TAG, f"runs:/{mv.run_id}/{EXPORT_ARTIFACT}"
+                                                                  " (not recorded: an interrupted export)"),
+                "files": str(len(files))}
+        if delete:
+            _delete_artifacts(client, mv.run_id, EXPORT_ARTIFACT)
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version_tag(reg.model_name, str(mv.version), EXPORT_TAG)
+            when = datetime.now(UTC).isoformat(timespec="seconds")
+            client.set_model_version_tag(reg.model_name, str(mv.version), PRUNED_TAG, f"{when} by {getpass.getuser()}")
+            _describe_export(client, reg, str(mv.version))
+            log.info("deleted the export of version %s of %s", mv.version, reg.model_name)
+        found.append(item)
+    return sorted(found, key=lambda item: int(item["version"]))

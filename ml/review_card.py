@@ -138,11 +138,46 @@ def answers_table(samples: list[Mapping[str, Any]], name: str) -> list[str]:
                     f"{said(s.get('challenger'))} | {said(s.get('baseline'))} |" for s in samples]
 
 
+EXPORT_HEAD = "**Export**"
+
+
+def export_lines(tags: Mapping[str, str]) -> list[str]:
+    """The card's paragraph on the version's merged export, from its tags (`export`: where it is,
+    `export_*`: its check's numbers, or when it was pruned; ml/registry.py writes them); none without."""
+    if tags.get("export_pruned") and not tags.get("export"):
+        return [f"{EXPORT_HEAD} pruned {_cell(tags['export_pruned'])} (the version held no alias); "
+                "`python -m ml export --version N` makes it again."]
+    if not tags.get("export"):
+        return []
+    base = f" (its 4-bit base, {tags['export_quantized_base']}, dequantized first)" \
+        if tags.get("export_quantized_base") else ""
+    return [f"{EXPORT_HEAD} merged {tags.get('export_dtype', '16-bit')} model `{tags['export']}`{base}, checked "
+            f"against the adapter model on {tags.get('export_rows', '?')} test rows and "
+            f"{tags.get('export_prompts', '?')} prompts: mean per-row loss {float(tags['export_loss_gap']):.3%} "
+            f"apart, {float(tags['export_token_match']):.1%} of the greedy tokens identical; the bare base model "
+            f"{float(tags['export_base_loss_gap']):.3%} and {float(tags['export_base_token_match']):.1%}. Check "
+            f"{_cell(tags.get('export_check', ''))}."]
+
+
+def with_export(card: str, tags: Mapping[str, str]) -> str:
+    """`card` with its export paragraph (`export_lines`) as the tags say now: in place of the old one,
+    else before the commands, else at the end."""
+    paragraphs = [p for p in card.rstrip("\n").split("\n\n") if not p.startswith(EXPORT_HEAD)] if card else []
+    new = export_lines(tags)
+    if new:
+        at = next((i for i, p in enumerate(paragraphs) if p.startswith(("**Undo or override**", "**Links**"))),
+                  len(paragraphs))
+        paragraphs.insert(at, new[0])
+    return "\n\n".join(paragraphs) + "\n"
+
+
 def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot: Mapping[str, Any],
            trained: Mapping[str, Any], changes: list[tuple[str, str, str]], rows: tuple[int, int] | None,
-           links: Mapping[str, str], awaiting_approval: bool = False, undo: list[str] | None = None) -> str:
+           links: Mapping[str, str], awaiting_approval: bool = False, undo: list[str] | None = None,
+           export: Mapping[str, str] | None = None) -> str:
     """The card; `awaiting_approval`: the rule chose the version and a person has yet to answer; `undo`:
-    the rollback and manual-promotion commands (`commands`) that end it."""
+    the rollback and manual-promotion commands (`commands`) that end it; `export`: the version's tags,
+    for its merged export (`export_lines`)."""
     ch, base, name = evaluation["challenger"], evaluation["baseline"], decision["baseline"]
     lines = [summary(decision, awaiting_approval), "", f"> {no_mentions(_cell(decision['reason'], 1200))}", "",
              *scores_table(decision, ch, base)]
@@ -165,6 +200,8 @@ def render(decision: Mapping[str, Any], evaluation: Mapping[str, Any], snapshot:
     samples = (evaluation.get("samples") or [])[:3]
     if samples:
         lines += ["", f"**Answers** to {len(samples)} test questions", "", *answers_table(samples, name)]
+    if export_lines(export or {}):
+        lines += ["", *export_lines(export or {})]
     if undo:
         lines += ["", "**Undo or override** (a person's move, recorded on the versions with who and why): give "
                       "the champion alias back to the previous champion (rollback), or make this version the "

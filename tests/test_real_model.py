@@ -28,11 +28,6 @@ from ml.sources import load_examples
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2(session_dir: Path) -> Path:
-    return build_base_model("smollm2", session_dir / "smollm2-135m-instruct")
-
-
 def test_the_base_model_is_built_once_from_its_package_as_a_plain_folder(smollm2: Path) -> None:
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in smollm2.iterdir()}

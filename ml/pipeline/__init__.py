@@ -4,7 +4,7 @@
     train_step     train (the trainer in a supervised process of its own)
     evaluate_step  evaluate (challenger vs champion, the decision)
     release        register, promote | keep, final_decision; approval_request and record_review
-                   for the DAG's approval gate
+                   for the DAG's approval gate; manual_move (a person's promotion or rollback)
     local          run_all: `python -m ml pipeline`, every step in one process
 
 The Airflow DAG calls these one per task, and `python -m ml <step>` and `python -m ml pipeline`
@@ -20,8 +20,17 @@ needs neither MLflow's model flavors nor Great Expectations.
 
 from ml.pipeline.data_steps import freeze, load, preflight, prepare, validate
 from ml.pipeline.evaluate_step import evaluate
-from ml.pipeline.release import approval_request, final_decision, keep, promote, record_review, register
+from ml.pipeline.release import (
+    approval_request,
+    final_decision,
+    keep,
+    manual_move,
+    promote,
+    record_review,
+    register,
+)
 from ml.pipeline.train_step import fetch_champion, train, training_command
 
 __all__ = ["approval_request", "evaluate", "fetch_champion", "final_decision", "freeze", "keep", "load",
-           "preflight", "prepare", "promote", "record_review", "register", "train", "training_command", "validate"]
+           "manual_move", "preflight", "prepare", "promote", "record_review", "register", "train", "training_command",
+           "validate"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml import evaluation
 from ml.config import PipelineConfig, load_config
+from ml.data import read_split
 from ml.errors import ConfigError, RegistryConflict
 from ml.identity import adapter_hash
 from ml.promotion import Decision, Review, awaiting_approval, describe, overruled, reviewed
@@ -95,11 +96,33 @@ def promote(cfg: PipelineConfig, paths: RunPaths, run_key: str | None = None) ->
                 decision = reviewed(decision, approved)  # the person's approval holds for the same version
                 evaluation.redecide(paths, record, decision)
         if decision.promote:
+            _export(cfg, client, registered.version, paths)  # before the move: with require_export, it may stop it
             champion.promote(client, reg, registered, decision, expected, run_key or paths.key)
         else:
             champion.keep(client, reg, registered, decision)
     registry.describe(client, reg, registered.version, _review_card(client, cfg, paths, decision, registered.version))
     return _outcome(registered, decision)
+
+
+def manual_move(cfg: PipelineConfig, version: str | None, reason: str) -> dict[str, str | None]:
+    """A person's promotion of `version`, or (None) rollback to @previous_champion, with the version
+    about to become champion exported first, as the pipeline's promotion does."""
+    from ml import champion, tracking  # MLflow
+
+    client = tracking.connect(cfg.registry)
+    action = "rollback" if version is None else "promotion"
+    return champion.manual_move(client, cfg.registry, version, reason, action,
+                                prepare=lambda to: _export(cfg, client, to, None))
+
+
+def _export(cfg: PipelineConfig, client: MlflowClient, version: str, paths: RunPaths | None) -> None:
+    """The merged export of a version about to become champion (ml/export.py), checked on the run's
+    test rows (`paths`; else those its MLflow run holds)."""
+    if not cfg.registry.export_on_promotion:
+        return
+    from ml.export import for_promotion  # torch, transformers
+
+    for_promotion(client, cfg, version, read_split(paths.splits, "test") if paths else None)
 
 
 def keep(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
@@ -174,10 +197,11 @@ def _review_card(client: MlflowClient, cfg: PipelineConfig, paths: RunPaths, dec
     params = run_params(client, champ.run_id) if champ and champ.run_id else None
     links = read_json(paths.links) if paths.links.exists() else {}
     undo = commands(mlflow.get_tracking_uri(), cfg.profile, version, _registry_sets(cfg))
+    tags = client.get_model_version(cfg.registry.model_name, version).tags  # its export's, once made
     return render(asdict(decision), ev, read_json(paths.snapshot), read_json(paths.trained.result),
                   config_changes(cfg.flat(), params),
                   row_changes(read_json(paths.train_rows), champ.trained_rows if champ else None), links,
-                  awaiting_approval=cfg.registry.approval == "required", undo=undo)
+                  awaiting_approval=cfg.registry.approval == "required", undo=undo, export=tags)
 
 
 def _registry_sets(cfg: PipelineConfig) -> dict[str, str]:
