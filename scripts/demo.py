@@ -196,6 +196,11 @@ def main() -> int:
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias)
     experiment = MlflowClient().get_run(champion.run_id).info.experiment_id
     print(f"\n@champion is now version {champion.version}.")
+    if champion.tags.get("export"):  # registry.export_on_promotion: the merged model serving engines load
+        print(f"Its merged 16-bit export: {champion.tags['export']} (check {champion.tags.get('export_check')}; "
+              f"loss {float(champion.tags.get('export_loss_gap', 'nan')):.4%} apart, "
+              f"{float(champion.tags.get('export_token_match', 'nan')):.0%} of greedy tokens identical; "
+              "serving it: docs/deployment.md)")
     print("\nWall time per stage (seconds):")
     for name, seconds in timings.items():
         print(f"  {name:<36} {seconds:7.1f}")
